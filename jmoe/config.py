@@ -1,0 +1,147 @@
+"""The frozen configuration of one MoE layer, validated before anything compiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+ROUTERS = ("softmax_topk", "sigmoid_topk", "switch", "expert_choice")
+DISPATCHES = ("capacity", "dropless")
+ACTIVATIONS = ("swiglu", "gelu")
+DROP_POLICIES = ("position", "probability")
+GMM_BACKENDS = ("auto", "xla", "pallas")
+
+
+def _fail(field: str, value: Any, fix: str) -> None:
+    raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {fix}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Everything that defines one MoE layer.
+
+    Shapes follow the alphabet in `jmoe/__init__.py`: D = `d_model`,
+    F = `d_ff` (hidden size of one expert), E = `num_experts`, K = `top_k`.
+
+    Router options:
+      router: `softmax_topk` (Mixtral / Qwen-MoE), `sigmoid_topk` (DeepSeek-V3:
+        sigmoid scores, a per-expert bias used for selection only, optional
+        group-limited top-k), `switch` (top-1 softmax, Switch Transformer) or
+        `expert_choice` (each expert takes its top-C tokens).
+      renormalize: renormalise the K chosen weights to sum to one.
+      n_group, topk_group: group-limited routing for `sigmoid_topk`: experts
+        are split into `n_group` groups and only the best `topk_group` groups
+        are eligible for each token (0 disables).
+      routed_scaling_factor: multiplies the routed weights (DeepSeek-V3).
+      bias_update_rate: step size of the aux-loss-free bias update.
+      jitter_eps: multiplicative uniform noise on router inputs when training.
+
+    Dispatch options:
+      dispatch: `capacity` (static `[E, C, D]` buffers, may drop) or
+        `dropless` (sort by expert + grouped matmul, never drops).
+      capacity_factor: C = ceil(capacity_factor * T * K / E), at least
+        `min_capacity`.
+      drop_policy: which assignments lose when an expert overflows:
+        `position` (top-1 choices first, then earlier tokens, as in GShard) or
+        `probability` (higher routing weight first, batch-prioritised routing).
+      group_align: the dropless path pads every expert's rows to a multiple of
+        this, so grouped-matmul tiles never straddle two experts.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int = 8
+    top_k: int = 2
+    activation: str = "swiglu"
+    router: str = "softmax_topk"
+    renormalize: bool = True
+    n_group: int = 0
+    topk_group: int = 0
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 1e-3
+    jitter_eps: float = 0.0
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    min_capacity: int = 4
+    drop_policy: str = "position"
+    group_align: int = 128
+    num_shared_experts: int = 0
+    shared_d_ff: int = 0
+    shared_gate: bool = False
+    gmm_backend: str = "auto"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field, the value and the fix."""
+        for name in ("d_model", "d_ff", "num_experts", "top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                _fail(name, v, "must be a positive integer.")
+        if self.router not in ROUTERS:
+            _fail("router", self.router, f"choose one of {ROUTERS}.")
+        if self.dispatch not in DISPATCHES:
+            _fail("dispatch", self.dispatch, f"choose one of {DISPATCHES}.")
+        if self.activation not in ACTIVATIONS:
+            _fail("activation", self.activation, f"choose one of {ACTIVATIONS}.")
+        if self.drop_policy not in DROP_POLICIES:
+            _fail("drop_policy", self.drop_policy, f"choose one of {DROP_POLICIES}.")
+        if self.gmm_backend not in GMM_BACKENDS:
+            _fail("gmm_backend", self.gmm_backend, f"choose one of {GMM_BACKENDS}.")
+        if self.top_k > self.num_experts:
+            _fail("top_k", self.top_k,
+                  f"top_k cannot exceed num_experts={self.num_experts}; lower top_k "
+                  "or add experts.")
+        if self.router == "switch" and self.top_k != 1:
+            _fail("top_k", self.top_k, "the 'switch' router is top-1: set top_k=1.")
+        if self.router == "expert_choice" and self.dispatch != "capacity":
+            _fail("dispatch", self.dispatch,
+                  "expert_choice routing fills a fixed capacity per expert: set "
+                  "dispatch='capacity'.")
+        needs_cf = self.dispatch == "capacity" or self.router == "expert_choice"
+        if needs_cf and not (self.capacity_factor > 0):
+            _fail("capacity_factor", self.capacity_factor,
+                  "must be > 0 with capacity dispatch (1.0-1.25 is typical).")
+        if self.min_capacity < 0:
+            _fail("min_capacity", self.min_capacity, "must be >= 0.")
+        if self.group_align <= 0:
+            _fail("group_align", self.group_align, "must be a positive integer (1 = no padding).")
+        if self.n_group or self.topk_group:
+            if self.router != "sigmoid_topk":
+                _fail("n_group", self.n_group,
+                      "group-limited routing is only defined for router='sigmoid_topk'.")
+            if self.n_group <= 0 or self.num_experts % self.n_group:
+                _fail("n_group", self.n_group,
+                      f"must divide num_experts={self.num_experts}.")
+            if not 0 < self.topk_group <= self.n_group:
+                _fail("topk_group", self.topk_group, f"must be in [1, n_group={self.n_group}].")
+            if self.topk_group * (self.num_experts // self.n_group) < self.top_k:
+                _fail("topk_group", self.topk_group,
+                      "the eligible groups hold fewer experts than top_k: raise topk_group.")
+        if self.routed_scaling_factor <= 0:
+            _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0.")
+        if self.jitter_eps < 0:
+            _fail("jitter_eps", self.jitter_eps, "must be >= 0 (0 disables jitter).")
+        if self.num_shared_experts < 0:
+            _fail("num_shared_experts", self.num_shared_experts, "must be >= 0.")
+        if self.num_shared_experts and self.shared_d_ff < 0:
+            _fail("shared_d_ff", self.shared_d_ff, "must be >= 0 (0 means d_ff).")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                _fail(name, getattr(self, name), "choose float32, bfloat16 or float16.")
+
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert for `num_tokens` tokens (a static Python int)."""
+        c = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        return max(c, self.min_capacity, 1)
+
+    @property
+    def shared_hidden(self) -> int:
+        return self.num_shared_experts * (self.shared_d_ff or self.d_ff)
+
+    def replace(self, **kw) -> "MoEConfig":
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,296 @@
+"""Public grouped-matmul ops: argument checks, backend choice, custom VJPs.
+
+    out_MN  = gmm(lhs_MK, rhs_GKN, group_sizes_G)   out[m] = lhs[m] @ rhs[g(m)]
+    drhs_GKN = tgmm(lhs_MK, dout_MN, group_sizes_G) drhs[g] = lhs_g.T @ dout_g
+
+Rows are grouped contiguously (group 0 owns rows [0, gs[0]), group 1 the next
+gs[1] rows, ...); rows past sum(group_sizes) give zeros and receive zero
+gradient. Both ops are differentiable in their float arguments:
+
+    gmm:  dlhs = gmm(dout, rhs, transpose_rhs=True)   drhs = tgmm(lhs, dout)
+    tgmm: dlhs = gmm(dout, c, transpose_rhs=True)     ddout = gmm(lhs, c)
+
+Backends: 'xla' (a loop over row tiles, any platform), 'pallas' (Triton
+kernels on GPU, interpret mode elsewhere), 'auto' (pallas on GPU, else xla).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jmoe.kernels import xla_gmm
+from jmoe.kernels.tiles import (
+    XLA_TM, Tiling, as_tiling, check_pallas_tiling, default_pallas_tiling)
+
+BACKENDS = ("auto", "xla", "pallas")
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def resolve_backend(backend: str) -> str:
+    """Maps 'auto' to the concrete backend for the default platform."""
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is invalid: choose one of {BACKENDS}")
+    if backend == "auto":
+        return "pallas" if _on_gpu() else "xla"
+    return backend
+
+
+def _check_float(name: str, dtype) -> None:
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{name} has dtype {jnp.dtype(dtype)}: grouped matmuls take "
+            "floating-point operands (float32, bfloat16, float16)")
+
+
+def _check_group_sizes(group_sizes: Any, num_groups: int | None = None) -> None:
+    if getattr(group_sizes, "ndim", None) != 1:
+        raise ValueError(
+            f"group_sizes must have shape [G], got shape "
+            f"{getattr(group_sizes, 'shape', None)}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(
+            f"group_sizes has dtype {group_sizes.dtype}: it must be int32")
+    if group_sizes.shape[0] < 1:
+        raise ValueError("group_sizes must have at least one group (G >= 1)")
+    if num_groups is not None and group_sizes.shape[0] != num_groups:
+        raise ValueError(
+            f"group_sizes has {group_sizes.shape[0]} entries but rhs has "
+            f"{num_groups} groups: they must match")
+
+
+def _out_dtype(preferred_element_type, default) -> np.dtype:
+    if preferred_element_type is None:
+        return jnp.dtype(default)
+    _check_float("preferred_element_type", preferred_element_type)
+    return jnp.dtype(preferred_element_type)
+
+
+def _tiling_for(backend: str, tiling, dtype, k: int, n: int) -> Tiling:
+    if backend == "pallas":
+        t = (default_pallas_tiling(dtype, k, n) if tiling is None
+             else as_tiling(tiling))
+        check_pallas_tiling(t, jnp.dtype(dtype).itemsize)
+        return t
+    if tiling is None:
+        return Tiling(XLA_TM, XLA_TM, XLA_TM)
+    return as_tiling(tiling)
+
+
+def _interpret(interpret: bool | None) -> bool:
+    return (not _on_gpu()) if interpret is None else bool(interpret)
+
+
+# ---------------------------------------------------------------------------
+# Backend dispatch (no autodiff rules here).
+
+
+def _gmm_impl(lhs, rhs, group_sizes, backend, tiling, out_dtype, interpret,
+              transpose_rhs):
+    if backend == "xla":
+        return xla_gmm.gmm(lhs, rhs, group_sizes, tm=tiling.tm,
+                           out_dtype=out_dtype, transpose_rhs=transpose_rhs)
+    from jmoe.kernels import gmm as pallas_gmm  # pylint: disable=g-import-not-at-top
+    return pallas_gmm.gmm(lhs, rhs, group_sizes, tiling=tiling,
+                          out_dtype=out_dtype, interpret=interpret,
+                          transpose_rhs=transpose_rhs)
+
+
+def _tgmm_impl(lhs, dout, group_sizes, backend, tiling, out_dtype, interpret):
+    if backend == "xla":
+        return xla_gmm.tgmm(lhs, dout, group_sizes, tm=tiling.tm,
+                            out_dtype=out_dtype)
+    from jmoe.kernels import gmm as pallas_gmm  # pylint: disable=g-import-not-at-top
+    return pallas_gmm.tgmm(lhs, dout, group_sizes, tiling=tiling,
+                           out_dtype=out_dtype, interpret=interpret)
+
+
+# ---------------------------------------------------------------------------
+# custom_vjp wiring. Static arguments: backend, tiling, out_dtype, interpret
+# (and transpose_rhs); group_sizes is an integer array with no cotangent.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _gmm(lhs, rhs, group_sizes, backend, tiling, out_dtype, interpret,
+         transpose_rhs):
+    return _gmm_impl(lhs, rhs, group_sizes, backend, tiling, out_dtype,
+                     interpret, transpose_rhs)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, backend, tiling, out_dtype, interpret,
+             transpose_rhs):
+    out = _gmm_impl(lhs, rhs, group_sizes, backend, tiling, out_dtype,
+                    interpret, transpose_rhs)
+    return out, (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(backend, tiling, out_dtype, interpret, transpose_rhs, res, dout):
+    lhs, rhs, group_sizes = res
+    # Operands of one dot share a dtype (see _common), so cast the cotangent
+    # to the weights' dtype: the usual mixed-precision backward.
+    dout = dout.astype(rhs.dtype)
+    # out = lhs @ W with W = rhs[g] ([K, N]) or rhs[g].T (transpose_rhs).
+    # dlhs = dout @ W.T: the transposed-rhs form of the same op.
+    dlhs = _gmm(dout, rhs, group_sizes, backend, tiling, lhs.dtype, interpret,
+                not transpose_rhs)
+    if transpose_rhs:  # rhs[g] is [N, K]: drhs[g] = dout_g.T @ lhs_g
+        drhs = _tgmm(dout, lhs, group_sizes, backend, tiling, rhs.dtype,
+                     interpret)
+    else:
+        drhs = _tgmm(lhs, dout, group_sizes, backend, tiling, rhs.dtype,
+                     interpret)
+    return dlhs, drhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _tgmm(lhs, dout, group_sizes, backend, tiling, out_dtype, interpret):
+    return _tgmm_impl(lhs, dout, group_sizes, backend, tiling, out_dtype,
+                      interpret)
+
+
+def _tgmm_fwd(lhs, dout, group_sizes, backend, tiling, out_dtype, interpret):
+    out = _tgmm_impl(lhs, dout, group_sizes, backend, tiling, out_dtype,
+                     interpret)
+    return out, (lhs, dout, group_sizes)
+
+
+def _tgmm_bwd(backend, tiling, out_dtype, interpret, res, c_GKN):
+    lhs, dout, group_sizes = res
+    c_GKN = c_GKN.astype(lhs.dtype)
+    # out[g] = lhs_g.T @ dout_g, so dlhs_g = dout_g @ c[g].T, ddout_g = lhs_g @ c[g].
+    dlhs = _gmm(dout, c_GKN, group_sizes, backend, tiling, lhs.dtype, interpret,
+                True)
+    ddout = _gmm(lhs, c_GKN, group_sizes, backend, tiling, dout.dtype,
+                 interpret, False)
+    return dlhs, ddout, None
+
+
+_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
+
+
+def _common(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Casts both operands to their promoted float dtype (exact)."""
+    dt = jnp.promote_types(a.dtype, b.dtype)
+    return a.astype(dt), b.astype(dt)
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+
+
+def gmm(
+    lhs_MK: jax.Array,
+    rhs_GKN: jax.Array,
+    group_sizes_G: jax.Array,
+    *,
+    backend: str = "auto",
+    tiling: Tiling | tuple[int, int, int] | None = None,
+    preferred_element_type=None,
+    interpret: bool | None = None,
+    transpose_rhs: bool = False,
+) -> jax.Array:
+    """Grouped matmul: out[m] = lhs[m] @ rhs[g(m)].
+
+    Args:
+      lhs_MK: [M, K] rows grouped contiguously by group_sizes.
+      rhs_GKN: [G, K, N] one matrix per group ([G, N, K] if transpose_rhs).
+      group_sizes_G: [G] int32 rows per group (traced; may be 0). Rows past
+        sum(group_sizes) give zeros; a sum past M is clipped at M.
+      backend: 'auto' (pallas on GPU, xla elsewhere), 'xla' or 'pallas'.
+      tiling: (tm, tk, tn) or a Tiling; None picks the shipped default for
+        the backend, dtype and shape. The xla backend uses only tm.
+      preferred_element_type: output dtype (default: lhs dtype). Accumulation
+        is always fp32.
+      interpret: run Pallas kernels in interpret mode (default: off GPU only).
+      transpose_rhs: use rhs[g].T, with rhs of shape [G, N, K].
+
+    Returns:
+      [M, N] array.
+    """
+    backend = resolve_backend(backend)
+    if getattr(lhs_MK, "ndim", None) != 2:
+        raise ValueError(f"lhs must have shape [M, K], got {getattr(lhs_MK, 'shape', None)}")
+    if getattr(rhs_GKN, "ndim", None) != 3:
+        raise ValueError(
+            f"rhs must have shape [G, K, N], got {getattr(rhs_GKN, 'shape', None)}")
+    _check_float("lhs", lhs_MK.dtype)
+    _check_float("rhs", rhs_GKN.dtype)
+    _check_group_sizes(group_sizes_G, rhs_GKN.shape[0])
+    k_rhs = rhs_GKN.shape[2] if transpose_rhs else rhs_GKN.shape[1]
+    if lhs_MK.shape[1] != k_rhs:
+        raise ValueError(
+            f"lhs has K={lhs_MK.shape[1]} but rhs {rhs_GKN.shape} has K={k_rhs}"
+            f"{' (transpose_rhs=True: rhs is [G, N, K])' if transpose_rhs else ''}")
+    out_dtype = _out_dtype(preferred_element_type, lhs_MK.dtype)
+    lhs_MK, rhs_GKN = _common(lhs_MK, rhs_GKN)
+    n = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
+    t = _tiling_for(backend, tiling, lhs_MK.dtype, lhs_MK.shape[1], n)
+    return _gmm(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32), backend, t,
+                out_dtype, _interpret(interpret), bool(transpose_rhs))
+
+
+def tgmm(
+    lhs_MK: jax.Array,
+    dout_MN: jax.Array,
+    group_sizes_G: jax.Array,
+    *,
+    num_groups: int | None = None,
+    backend: str = "auto",
+    tiling: Tiling | tuple[int, int, int] | None = None,
+    preferred_element_type=None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Per-group transposed matmul: out[g] = lhs[rows of g].T @ dout[rows of g].
+
+    This is the weight gradient of gmm. Empty groups give zeros.
+
+    Args:
+      lhs_MK: [M, K]; dout_MN: [M, N], rows grouped by group_sizes.
+      group_sizes_G: [G] int32 rows per group.
+      num_groups: number of output groups, 1 <= num_groups <= G (default G);
+        rows of later groups are ignored.
+      backend, tiling, preferred_element_type, interpret: as for gmm.
+
+    Returns:
+      [num_groups, K, N] array in lhs dtype (or preferred_element_type).
+    """
+    backend = resolve_backend(backend)
+    if getattr(lhs_MK, "ndim", None) != 2:
+        raise ValueError(f"lhs must have shape [M, K], got {getattr(lhs_MK, 'shape', None)}")
+    if getattr(dout_MN, "ndim", None) != 2:
+        raise ValueError(
+            f"dout must have shape [M, N], got {getattr(dout_MN, 'shape', None)}")
+    if lhs_MK.shape[0] != dout_MN.shape[0]:
+        raise ValueError(
+            f"lhs {lhs_MK.shape} and dout {dout_MN.shape} must have the same "
+            "number of rows M")
+    _check_float("lhs", lhs_MK.dtype)
+    _check_float("dout", dout_MN.dtype)
+    _check_group_sizes(group_sizes_G)
+    g_all = group_sizes_G.shape[0]
+    if num_groups is None:
+        num_groups = g_all
+    if (not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool)
+            or not 1 <= num_groups <= g_all):
+        raise ValueError(
+            f"num_groups={num_groups!r} is invalid: must be an int in "
+            f"[1, {g_all}] (the length of group_sizes)")
+    out_dtype = _out_dtype(preferred_element_type, lhs_MK.dtype)
+    lhs_MK, dout_MN = _common(lhs_MK, dout_MN)
+    t = _tiling_for(backend, tiling, lhs_MK.dtype, lhs_MK.shape[1],
+                    dout_MN.shape[1])
+    # Groups past num_groups then lie past sum(group_sizes): ignored.
+    group_sizes_G = group_sizes_G[:int(num_groups)].astype(jnp.int32)
+    return _tgmm(lhs_MK, dout_MN, group_sizes_G, backend, t, out_dtype,
+                 _interpret(interpret))

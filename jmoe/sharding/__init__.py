@@ -1,0 +1,1 @@
+"""Device meshes, partition specs and explicit expert parallelism."""

@@ -1,0 +1,12 @@
+"""Every test sees 8 CPU devices; this must run before jax is imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (imported after the flag on purpose)
+
+jax.config.update("jax_default_matmul_precision", "highest")
