@@ -11,6 +11,7 @@ DISPATCHES = ("capacity", "dropless")
 ACTIVATIONS = ("swiglu", "gelu")
 DROP_POLICIES = ("position", "probability")
 GMM_BACKENDS = ("auto", "xla", "pallas")
+RAGGED_IMPLS = ("auto", "native", "dense")
 
 
 def _fail(field: str, value: Any, fix: str) -> None:
@@ -47,6 +48,19 @@ class MoEConfig:
         `probability` (higher routing weight first, batch-prioritised routing).
       group_align: the dropless path pads every expert's rows to a multiple of
         this, so grouped-matmul tiles never straddle two experts.
+
+    Expert-parallel options (used when the mesh has an `expert` axis > 1):
+      a2a_hierarchy: devices per node group for Tutel's two-level (2DH)
+        all-to-all: first within groups of this many consecutive devices on the
+        `expert` axis, then across groups. 0 or 1 = one flat all-to-all.
+      ragged_impl: how the dropless path exchanges variable-size slices:
+        `native` = `lax.ragged_all_to_all` (GPU/TPU), `dense` = a padded dense
+        all-to-all with identical results (any backend, XLA:CPU included),
+        `auto` = native where the backend implements it.
+      ep_recv_factor: caps the dropless receive buffer at
+        ceil(ep_recv_factor * local assignments) rows per device; 0 sizes it
+        for the worst case (every token to this device). Assignments that do
+        not fit are dropped and reported in `dropped_fraction`, never silently.
     """
 
     d_model: int
@@ -70,6 +84,9 @@ class MoEConfig:
     shared_d_ff: int = 0
     shared_gate: bool = False
     gmm_backend: str = "auto"
+    a2a_hierarchy: int = 0
+    ragged_impl: str = "auto"
+    ep_recv_factor: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -92,6 +109,12 @@ class MoEConfig:
             _fail("drop_policy", self.drop_policy, f"choose one of {DROP_POLICIES}.")
         if self.gmm_backend not in GMM_BACKENDS:
             _fail("gmm_backend", self.gmm_backend, f"choose one of {GMM_BACKENDS}.")
+        if self.ragged_impl not in RAGGED_IMPLS:
+            _fail("ragged_impl", self.ragged_impl, f"choose one of {RAGGED_IMPLS}.")
+        if self.a2a_hierarchy < 0:
+            _fail("a2a_hierarchy", self.a2a_hierarchy, "must be >= 0 (0 = flat all-to-all).")
+        if self.ep_recv_factor < 0:
+            _fail("ep_recv_factor", self.ep_recv_factor, "must be >= 0 (0 = worst-case buffer).")
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k,
                   f"top_k cannot exceed num_experts={self.num_experts}; lower top_k "

@@ -85,30 +85,51 @@ def _check_input(x: jax.Array, cfg: MoEConfig) -> None:
             "dimension of x must equal d_model.")
 
 
-def route_tokens(params: Params, x_TD: jax.Array, cfg: MoEConfig,
-                 bias_E: Optional[jax.Array], train: bool, rng: Optional[jax.Array]):
-    """Router step: logits, routing decisions and the router losses/metrics."""
-    with jax.named_scope("route"):
-        xr_TD = x_TD
-        if train and cfg.jitter_eps > 0:
-            if rng is None:
-                raise ValueError("MoEConfig.jitter_eps > 0 needs an `rng` key when train=True.")
-            xr_TD = routing.jitter(x_TD, cfg.jitter_eps, rng)
-        logits_TE = routing.router_logits(xr_TD, params["router"]["w_DE"])
-        r = routing.route(logits_TE, cfg, bias_E)
-    return r
+def router_input(x_TD: jax.Array, cfg: MoEConfig, train: bool,
+                 rng: Optional[jax.Array]) -> jax.Array:
+    """The router's view of the tokens: jittered when training with `jitter_eps`."""
+    if train and cfg.jitter_eps > 0:
+        if rng is None:
+            raise ValueError("MoEConfig.jitter_eps > 0 needs an `rng` key when train=True: "
+                             "pass rng=... or set jitter_eps=0.")
+        return routing.jitter(x_TD, cfg.jitter_eps, rng)
+    return x_TD
 
 
-def router_stats(r, cfg: MoEConfig) -> dict:
-    """Losses and load statistics shared by every execution path."""
+def router_sums(r, cfg: MoEConfig) -> dict:
+    """Additive router statistics over the local tokens.
+
+    Sums (not means) so that expert-parallel shards can `psum` them and then
+    call `finalize_stats`, giving exactly the single-device values.
+    """
     if isinstance(r, routing.ExpertChoice):
-        lb = jnp.zeros((), jnp.float32)
-        load_E = jnp.full((cfg.num_experts,), 1.0 / cfg.num_experts, jnp.float32)
+        counts_E = jnp.full((cfg.num_experts,), r.tokens_EC.shape[1], jnp.int32)
+        num_a = r.tokens_EC.size
     else:
-        lb = routing.load_balance_loss(r.probs_TE, r.experts_TK)
-        load_E = routing.expert_counts(r.experts_TK, cfg.num_experts) / r.experts_TK.size
-    return dict(load_balance_loss=lb, z_loss=routing.z_loss(r.logits_TE),
-                router_entropy=routing.entropy(r.probs_TE), expert_load=load_E)
+        counts_E = routing.expert_counts(r.experts_TK, cfg.num_experts)
+        num_a = r.experts_TK.size
+    lse_T = jax.nn.logsumexp(r.logits_TE, axis=-1)
+    p = r.probs_TE
+    return dict(counts_E=counts_E, probs_sum_E=jnp.sum(p, axis=0),
+                z_sum=jnp.sum(jnp.square(lse_T)),
+                ent_sum=-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-20))),
+                num_tokens=jnp.asarray(p.shape[0], jnp.float32),
+                num_assignments=jnp.asarray(num_a, jnp.float32))
+
+
+def finalize_stats(sums: dict, cfg: MoEConfig, dropped: jax.Array) -> MoEAux:
+    """Turns (possibly all-reduced) `router_sums` and a dropped count into `MoEAux`."""
+    f_E = sums["counts_E"].astype(jnp.float32) / sums["num_assignments"]
+    p_E = sums["probs_sum_E"] / sums["num_tokens"]
+    if cfg.router == "expert_choice":
+        lb = jnp.zeros((), jnp.float32)  # balanced by construction
+    else:
+        lb = cfg.num_experts * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
+    return MoEAux(load_balance_loss=lb, z_loss=sums["z_sum"] / sums["num_tokens"],
+                  dropped_fraction=dropped.astype(jnp.float32) / (
+                      sums["num_tokens"] if cfg.router == "expert_choice"
+                      else sums["num_assignments"]),
+                  router_entropy=sums["ent_sum"] / sums["num_tokens"], expert_load=f_E)
 
 
 def shared_experts(params: Params, x_TD: jax.Array, cfg: MoEConfig) -> jax.Array:
@@ -121,43 +142,75 @@ def shared_experts(params: Params, x_TD: jax.Array, cfg: MoEConfig) -> jax.Array
         return y_TD
 
 
-def _local_moe(params: Params, x_TD: jax.Array, cfg: MoEConfig, bias_E, train, rng):
-    """Single-device layer on flat tokens: [T, D] -> ([T, D], MoEAux)."""
+def local_experts_capacity(w: Params, cfg: MoEConfig):
+    """Experts on `[E, C, D]` buffers held by this device."""
+    return lambda buf_ECD: experts.batched_mlp(buf_ECD, w, cfg.activation)
+
+
+def local_experts_dropless(w: Params, cfg: MoEConfig):
+    """Experts on rows grouped by expert; drops nothing."""
+    def run(buf_RD, group_sizes_E):
+        y_RD = experts.grouped_mlp(buf_RD, w, group_sizes_E, cfg.activation, cfg.gmm_backend)
+        return y_RD, jnp.zeros((), jnp.int32)
+    return run
+
+
+def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
+             bias_E: Optional[jax.Array], capacity_experts, dropless_experts,
+             dropless_align: int):
+    """Route -> plan -> permute -> experts -> un-permute -> combine, on flat tokens.
+
+    The expert step is pluggable so the same code runs on one device and
+    inside the expert-parallel `shard_map` (where it includes the all-to-alls):
+      capacity_experts(buf_ECD) -> y_ECD;
+      dropless_experts(buf_RD, group_sizes_E) -> (y_RD, extra_dropped).
+    Returns (out_TD, router_sums, dropped assignment count).
+    """
     t = x_TD.shape[0]
-    r = route_tokens(params, x_TD, cfg, bias_E, train, rng)
-    stats = router_stats(r, cfg)
-    w = params["experts"]
+    with jax.named_scope("route"):
+        r = routing.route(routing.router_logits(xr_TD, w_DE), cfg, bias_E)
     if isinstance(r, routing.ExpertChoice):
         with jax.named_scope("permute"):
             buf_ECD = dispatch.expert_choice_gather(x_TD, r.tokens_EC)
         with jax.named_scope("experts"):
-            y_ECD = experts.batched_mlp(buf_ECD, w, cfg.activation)
+            y_ECD = capacity_experts(buf_ECD)
         with jax.named_scope("unpermute"):
             out_TD = dispatch.expert_choice_combine(y_ECD, r.weights_EC.astype(jnp.float32),
                                                     r.tokens_EC, t)
-        taken_T = jnp.zeros((t,), bool).at[r.tokens_EC.reshape(-1)].set(True)
-        dropped = 1.0 - jnp.mean(taken_T.astype(jnp.float32))
-    else:
-        e = cfg.num_experts
-        with jax.named_scope("plan"):
-            if cfg.dispatch == "capacity":
-                plan = dispatch.capacity_plan(r.experts_TK, r.weights_TK, e, cfg.capacity(t),
-                                              cfg.drop_policy)
-            else:
-                plan = dispatch.dropless_plan(r.experts_TK, e, cfg.group_align)
-        with jax.named_scope("permute"):
-            buf_RD = dispatch.permute(x_TD, plan.slot_TK, plan.src_R)
-        with jax.named_scope("experts"):
-            if cfg.dispatch == "capacity":
-                y_RD = experts.batched_mlp(buf_RD.reshape(e, -1, cfg.d_model), w,
-                                           cfg.activation).reshape(buf_RD.shape)
-            else:
-                y_RD = experts.grouped_mlp(buf_RD, w, plan.group_sizes_E, cfg.activation,
-                                           cfg.gmm_backend)
-        with jax.named_scope("unpermute"):
-            out_TD = dispatch.unpermute(y_RD, r.weights_TK, plan.slot_TK, plan.src_R)
-        dropped = plan.dropped.astype(jnp.float32) / r.experts_TK.size
-    return out_TD, MoEAux(dropped_fraction=dropped, **stats)
+        return out_TD, router_sums(r, cfg), untouched_tokens(r.tokens_EC, t)
+    e = cfg.num_experts
+    with jax.named_scope("plan"):
+        if cfg.dispatch == "capacity":
+            plan = dispatch.capacity_plan(r.experts_TK, r.weights_TK, e, cfg.capacity(t),
+                                          cfg.drop_policy)
+        else:
+            plan = dispatch.dropless_plan(r.experts_TK, e, dropless_align)
+    with jax.named_scope("permute"):
+        buf_RD = dispatch.permute(x_TD, plan.slot_TK, plan.src_R)
+    with jax.named_scope("experts"):
+        if cfg.dispatch == "capacity":
+            y_RD = capacity_experts(buf_RD.reshape(e, -1, x_TD.shape[1])).reshape(buf_RD.shape)
+            dropped = plan.dropped
+        else:
+            y_RD, dropped = dropless_experts(buf_RD, plan.group_sizes_E)
+    with jax.named_scope("unpermute"):
+        out_TD = dispatch.unpermute(y_RD, r.weights_TK, plan.slot_TK, plan.src_R)
+    return out_TD, router_sums(r, cfg), dropped
+
+
+def _local_moe(params: Params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, bias_E):
+    """Single-device layer on flat tokens: [T, D] -> ([T, D], MoEAux)."""
+    w = params["experts"]
+    out_TD, sums, dropped = moe_core(x_TD, xr_TD, params["router"]["w_DE"], cfg, bias_E,
+                                     local_experts_capacity(w, cfg),
+                                     local_experts_dropless(w, cfg), cfg.group_align)
+    return out_TD, finalize_stats(sums, cfg, dropped)
+
+
+def untouched_tokens(tokens_EC: jax.Array, num_tokens: int) -> jax.Array:
+    """Expert choice: how many of the tokens no expert took (int32 [])."""
+    taken_T = jnp.zeros((num_tokens,), jnp.int32).at[tokens_EC.reshape(-1)].max(1)
+    return num_tokens - jnp.sum(taken_T)
 
 
 def moe_apply(params: Params, x: jax.Array, cfg: MoEConfig, *,
@@ -178,11 +231,12 @@ def moe_apply(params: Params, x: jax.Array, cfg: MoEConfig, *,
     x_TD = x.reshape(-1, cfg.d_model).astype(jnp.dtype(cfg.dtype))
     from jmoe.sharding import expert_parallel  # the sharding layer imports this module
 
+    xr_TD = router_input(x_TD, cfg, train, rng)
     ep_mesh = expert_parallel.active_expert_mesh(mesh)
     if ep_mesh is not None:
-        y_TD, aux = expert_parallel.moe_apply_ep(params, x_TD, cfg, ep_mesh, bias, train, rng)
+        y_TD, aux = expert_parallel.moe_apply_ep(params, x_TD, xr_TD, cfg, ep_mesh, bias)
     else:
-        y_TD, aux = _local_moe(params, x_TD, cfg, bias, train, rng)
+        y_TD, aux = _local_moe(params, x_TD, xr_TD, cfg, bias)
     if cfg.num_shared_experts:
         y_TD = y_TD + shared_experts(params, x_TD, cfg)
     return y_TD.reshape(x.shape).astype(x.dtype), aux

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmoe.kernels import xla_gmm
+from jmoe.vma import match_cotangent
 from jmoe.kernels.tiles import (
     XLA_TM, Tiling, as_tiling, check_pallas_tiling, default_pallas_tiling)
 
@@ -98,7 +99,7 @@ def _gmm_impl(lhs, rhs, group_sizes, backend, tiling, out_dtype, interpret,
     if backend == "xla":
         return xla_gmm.gmm(lhs, rhs, group_sizes, tm=tiling.tm,
                            out_dtype=out_dtype, transpose_rhs=transpose_rhs)
-    from jmoe.kernels import gmm as pallas_gmm  # pylint: disable=g-import-not-at-top
+    from jmoe.kernels import pallas_gmm  # pylint: disable=g-import-not-at-top
     return pallas_gmm.gmm(lhs, rhs, group_sizes, tiling=tiling,
                           out_dtype=out_dtype, interpret=interpret,
                           transpose_rhs=transpose_rhs)
@@ -108,7 +109,7 @@ def _tgmm_impl(lhs, dout, group_sizes, backend, tiling, out_dtype, interpret):
     if backend == "xla":
         return xla_gmm.tgmm(lhs, dout, group_sizes, tm=tiling.tm,
                             out_dtype=out_dtype)
-    from jmoe.kernels import gmm as pallas_gmm  # pylint: disable=g-import-not-at-top
+    from jmoe.kernels import pallas_gmm  # pylint: disable=g-import-not-at-top
     return pallas_gmm.tgmm(lhs, dout, group_sizes, tiling=tiling,
                            out_dtype=out_dtype, interpret=interpret)
 
@@ -147,7 +148,8 @@ def _gmm_bwd(backend, tiling, out_dtype, interpret, transpose_rhs, res, dout):
     else:
         drhs = _tgmm(lhs, dout, group_sizes, backend, tiling, rhs.dtype,
                      interpret)
-    return dlhs, drhs, None
+    # Inside shard_map: weights replicated over an axis get the summed gradient.
+    return match_cotangent(dlhs, lhs), match_cotangent(drhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -173,7 +175,7 @@ def _tgmm_bwd(backend, tiling, out_dtype, interpret, res, c_GKN):
                 True)
     ddout = _gmm(lhs, c_GKN, group_sizes, backend, tiling, dout.dtype,
                  interpret, False)
-    return dlhs, ddout, None
+    return match_cotangent(dlhs, lhs), match_cotangent(ddout, dout), None
 
 
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)

@@ -1,0 +1,286 @@
+"""The training loop: `run(config, workdir)`.
+
+Order of work, chosen so every mistake surfaces before anything compiles:
+
+  1. validate the config (ValueError naming the field), build the mesh, load
+     the corpus (a missing path is a ValueError too);
+  2. abstract state with `jax.eval_shape` -> shardings from the partition
+     table -> `jit(init, out_shardings=...)`, or restore the latest checkpoint
+     straight into those shardings (any mesh);
+  3. loop: dispatch step s+1, then fetch step s's metrics (the host never
+     waits on the step it just queued), raise on a non-finite loss with its
+     step number, evaluate and save every N steps.
+
+Rerunning the same command resumes from the latest checkpoint in `workdir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from jmoe import model as model_lib
+from jmoe.train import checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, step as step_lib
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def _fail(field: str, value: Any, fix: str) -> None:
+    raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> model_lib.GPTConfig:
+    """Every check that needs no devices; returns the model config."""
+    gpt = model_lib.from_config(config.model)
+    for f in ("batch_size", "grad_accum_steps", "total_steps", "eval_every", "eval_batches",
+              "log_every", "checkpoint_every", "keep_checkpoints"):
+        v = config[f]
+        if not isinstance(v, int) or v <= 0:
+            _fail(f, v, "must be a positive integer.")
+    if config.batch_size % config.grad_accum_steps:
+        _fail("grad_accum_steps", config.grad_accum_steps,
+              f"must divide batch_size={config.batch_size}.")
+    if config.data.seq_len <= 0:
+        _fail("data.seq_len", config.data.seq_len, "must be a positive integer.")
+    if config.data.source not in data.SOURCES:
+        _fail("data.source", config.data.source, f"choose one of {data.SOURCES}.")
+    if not 0 < config.data.val_percent < 50:
+        _fail("data.val_percent", config.data.val_percent, "must be in (0, 50).")
+    if config.data.source in ("text", "tokens") and not os.path.exists(config.data.path):
+        _fail("data.path", config.data.path,
+              f"does not exist (needed by data.source={config.data.source!r}).")
+    o = config.opt
+    if not o.lr > 0:
+        _fail("opt.lr", o.lr, "must be > 0.")
+    if o.warmup_steps < 0:
+        _fail("opt.warmup_steps", o.warmup_steps, "must be >= 0.")
+    if not 0 <= o.min_lr_ratio <= 1:
+        _fail("opt.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1].")
+    if o.grad_clip < 0:
+        _fail("opt.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping).")
+    if o.weight_decay < 0:
+        _fail("opt.weight_decay", o.weight_decay, "must be >= 0.")
+    for f in ("load_balance_weight", "z_loss_weight"):
+        if config.loss[f] < 0:
+            _fail(f"loss.{f}", config.loss[f], "must be >= 0.")
+    return gpt
+
+
+def validate_mesh(config, gpt: model_lib.GPTConfig, mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["expert"]
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % shards:
+        _fail("batch_size", config.batch_size,
+              f"each micro-batch ({micro} rows) must split evenly over the "
+              f"{shards} data x expert shards: use a multiple of "
+              f"{shards * config.grad_accum_steps}.")
+    if gpt.moe is not None and not gpt.dense and gpt.moe.num_experts % mesh.shape["expert"]:
+        _fail("model.num_experts", gpt.moe.num_experts,
+              f"must be divisible by the expert-parallel size mesh.expert="
+              f"{mesh.shape['expert']}.")
+
+
+def _check_same_model(saved: dict, config) -> None:
+    now = config.model.to_dict()
+    for k in sorted(set(saved) | set(now)):
+        if saved.get(k) != now.get(k):
+            raise ValueError(
+                f"config.model.{k}={now.get(k)!r} differs from the checkpoint in this workdir "
+                f"({saved.get(k)!r}): use a new --workdir, or the checkpoint's value.")
+
+
+class _Preempted:
+    """SIGTERM (SLURM preemption, `kill`) -> save at the next step and exit."""
+
+    def __init__(self):
+        self.flag = False
+        try:
+            self.prev = signal.signal(signal.SIGTERM, self._set)
+        except ValueError:  # not the main thread (e.g. a test runner thread)
+            self.prev = None
+
+    def _set(self, *_):
+        self.flag = True
+
+    def restore(self):
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+
+
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-process job when the environment describes one.
+
+    SLURM (`srun`, several tasks) and explicit `JAX_COORDINATOR_ADDRESS`
+    launches are detected by `jax.distributed.initialize` itself.
+    """
+    multi_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+    if (multi_slurm or "JAX_COORDINATOR_ADDRESS" in os.environ) and not _distributed_ready():
+        jax.distributed.initialize()
+
+
+def _distributed_ready() -> bool:
+    from jax._src import distributed  # no public query in JAX 0.10
+
+    return distributed.global_state.client is not None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = False) -> dict:
+    """Trains (or resumes) the model of `config` in `workdir`; returns a summary.
+
+    `distributed=True` first joins a multi-process job if the environment
+    describes one (SLURM, JAX_COORDINATOR_ADDRESS); train.py passes it.
+    """
+    t_start = time.time()
+    gpt = validate_config(config)  # before any device work: errors come first
+    if distributed:
+        maybe_initialize_distributed()
+    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.expert)
+    validate_mesh(config, gpt, mesh)
+    corpus = data.load_corpus(config.data, gpt.vocab_size)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    scfg = step_lib.step_config(config)
+    tx = step_lib.make_optimizer(config.opt, config.total_steps)
+    schedule = step_lib.make_schedule(config.opt, config.total_steps)
+    init = step_lib.make_init(gpt, tx, config.seed)
+    abstract = jax.eval_shape(init)
+    shardings = mesh_lib.state_shardings(mesh, abstract)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    graphdef = step_lib.graphdef_of(gpt)
+
+    mgr = checkpoint.manager(workdir, every=config.checkpoint_every,
+                             keep=config.keep_checkpoints,
+                             async_save=config.async_checkpointing)
+    seq_len, batch = config.data.seq_len, config.batch_size
+    rows = data.local_rows(batch_sharding, batch, seq_len)
+    train_it = data.train_iterator(corpus.train, seq_len=seq_len, global_batch=batch,
+                                   seed=config.seed, local_rows=rows)
+    eval_set = [data.to_global(b, batch_sharding, batch) for b in data.eval_batches(
+        corpus.val, seq_len=seq_len, global_batch=batch, num_batches=config.eval_batches,
+        local_rows=rows)]
+
+    counts = model_lib.param_count_formula(gpt)
+    tokens_per_step = batch * seq_len
+    flops_per_step = model_lib.flops_per_token(gpt, seq_len) * tokens_per_step
+    peak = metrics_lib.measure_peak_flops(gpt.dtype)
+
+    def make_reporter(start: int) -> metrics_lib.Reporter:
+        rep = metrics_lib.Reporter(
+            workdir, total_steps=config.total_steps, start_step=start,
+            tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
+            peak_flops=peak, enabled=is_main)
+        rep.log(f"data: {corpus.description}: {len(corpus.train):,} train / "
+                f"{len(corpus.val):,} val tokens")
+        rep.log(f"model: {counts['total'] / 1e6:.2f}M parameters, "
+                f"{counts['active'] / 1e6:.2f}M active; MoE layers {list(gpt.moe_layers)}; "
+                f"mesh {dict(mesh.shape)}; {len(jax.devices())} "
+                f"{jax.devices()[0].platform} device(s); {flops_per_step / 1e9:.1f} GFLOP/step, "
+                f"measured peak {peak / 1e9:.0f} GFLOP/s")
+        if start:
+            rep.log(f"resumed from {mgr.directory}/{start} (data position "
+                    f"{train_it.get_state()})")
+        return rep
+
+    with jax.set_mesh(mesh):
+        latest = mgr.latest_step()
+        if latest is not None:
+            saved_cfg = checkpoint.restore_config(workdir, latest)[1]
+            _check_same_model(saved_cfg.model.to_dict(), config)
+            start, state, data_state = checkpoint.restore(mgr, abstract_with(abstract, shardings))
+            train_it.set_state(data_state)
+        else:
+            start = 0
+            state = jax.jit(init, out_shardings=shardings)()
+        train_fn, eval_fn = step_lib.jit_steps(mesh, shardings, batch_sharding, graphdef, tx,
+                                               schedule, scfg)
+
+        def evaluate(s: int) -> float:
+            t0 = time.perf_counter()
+            loss = float(np.mean([float(eval_fn(state, b)) for b in eval_set]))
+            rep.eval(s, loss, time.perf_counter() - t0)
+            return loss
+
+        rep = make_reporter(start)
+        preempt = _Preempted()
+        pending: Optional[tuple[int, Any]] = None
+        val_loss = float("nan")
+        step = start
+        train_t0 = time.time()
+        first = True
+
+        def drain() -> None:
+            """Fetches the pending step's metrics; raises on a non-finite loss."""
+            nonlocal pending, first
+            if pending is None:
+                return
+            s, m = pending
+            pending = None
+            m = jax.device_get(m)
+            if not math.isfinite(float(m["loss"])):
+                raise NonFiniteLoss(
+                    f"loss is {float(m['loss'])} at step {s}: stopping; the last good "
+                    f"checkpoint (step {mgr.latest_step()}) in {mgr.directory} is untouched.")
+            rep.add(s, m)
+            if first:  # the first step includes compilation: keep it out of tok/s
+                first = False
+                rep.window = []
+                rep.reset_clock(s)
+            if s % config.log_every == 0:
+                rep.flush(s)
+
+        try:
+            while step < config.total_steps:
+                batch_BT1 = data.to_global(next(train_it), batch_sharding, batch)
+                state, m = train_fn(state, batch_BT1)
+                drain()  # the previous step's metrics, while this one runs
+                step += 1
+                pending = (step, m)
+                out_of_time = config.max_time_s > 0 and time.time() - train_t0 > config.max_time_s
+                last = step == config.total_steps or out_of_time or preempt.flag
+                if step % config.checkpoint_every == 0 or step % config.eval_every == 0 or last:
+                    drain()  # never save or evaluate a state whose loss was not checked
+                if step % config.eval_every == 0 or last:
+                    val_loss = evaluate(step)
+                    rep.reset_clock(step)
+                if step % config.checkpoint_every == 0 or last:
+                    checkpoint.save(mgr, step, state, train_it.get_state(), config, force=last)
+                if last:
+                    break
+            drain()
+        finally:
+            mgr.wait_until_finished()
+            mgr.close()
+            preempt.restore()
+            rep.flush(step)
+
+    wall = time.time() - t_start
+    train_loss = float(rep.last.get("loss", float("nan")))
+    summary = {"step": step, "train_loss": train_loss, "val_loss": val_loss,
+               "wall_time_s": wall, "train_time_s": time.time() - train_t0,
+               "tokens_per_s": float(rep.last.get("tokens_per_s", float("nan"))),
+               "mfu": float(rep.last.get("mfu", float("nan"))),
+               "params_total": counts["total"], "params_active": counts["active"]}
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        rep.log(f"done: step {step}  train loss {train_loss:.4f}  val loss {val_loss:.4f} "
+                f"nats/token  wall time {wall:.0f}s  ({summary['tokens_per_s']:,.0f} tok/s)")
+    rep.close()
+    return summary
+
+
+def abstract_with(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings (restore destination)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)

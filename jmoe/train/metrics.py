@@ -1,0 +1,171 @@
+"""What the user sees: progress bar, log lines, TensorBoard events, metrics.jsonl.
+
+Only process 0 reports. Every `log_every` steps the window's metrics (already
+fetched from the device one step late by the loop) are averaged and written
+to:
+
+  * the terminal: a rich progress bar (step, loss, tokens/s, MFU, ETA) and one
+    log line per window;
+  * `workdir/tb/`: TensorBoard scalars (loss, lr, grad norm, aux losses,
+    dropped fraction, router entropy, per-layer expert load);
+  * `workdir/metrics.jsonl`: one JSON object per window with the full
+    per-layer expert loads (read by `python -m jmoe.plot`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+# Per-expert TensorBoard scalars only up to this many experts per layer; the
+# full loads are always in metrics.jsonl.
+_MAX_PER_EXPERT_SCALARS = 16
+
+
+def measure_peak_flops(dtype: str = "float32", seconds: float = 0.5) -> float:
+    """Measured dense matmul FLOP/s of all local devices together.
+
+    The MFU denominator: what this machine's matmul actually reaches (a
+    datasheet peak means little on a shared CPU).
+    """
+    dev = jax.local_devices()[0]
+    n = 2048 if dev.platform == "cpu" else 8192
+    dt = jnp.dtype(dtype)
+    a = jax.device_put(jnp.ones((n, n), dt) * 0.01, dev)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        f(a).block_until_ready()
+        reps += 1
+        dt_s = time.perf_counter() - t0
+        if dt_s >= seconds and reps >= 3:
+            break
+    return 2.0 * n**3 * reps / dt_s * jax.local_device_count() * jax.process_count()
+
+
+def _scalar(x) -> float:
+    return float(np.mean(np.asarray(x, dtype=np.float64)))
+
+
+class Reporter:
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int,
+                 tokens_per_step: int, flops_per_step: float, peak_flops: float,
+                 enabled: bool = True, console: Optional[Console] = None):
+        self.enabled = enabled
+        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+        self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
+        self.console = console or Console(stderr=False)
+        self.window: list[dict] = []
+        self.window_t0 = time.perf_counter()
+        self.window_step0 = start_step
+        self.last = {}
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        from tensorboardX import SummaryWriter  # imported here: only process 0 writes
+
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("MFU {task.fields[mfu]}"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+            disable=not self.console.is_terminal)
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
+                                           loss="-", tps="-", mfu="-")
+        self.progress.start()
+
+    def log(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False)
+
+    def reset_clock(self, step: int) -> None:
+        """Starts a new timing window (after compiles, evals and restores)."""
+        self.window_t0, self.window_step0 = time.perf_counter(), step
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Metrics of the step that produced `step` (host NumPy values)."""
+        self.window.append(metrics)
+        if self.enabled:
+            self.progress.update(self.task, completed=step)
+
+    def flush(self, step: int) -> dict:
+        """Averages and writes the window ending at `step`; returns the means."""
+        if not self.window:
+            return {}
+        dt = max(time.perf_counter() - self.window_t0, 1e-9)
+        nsteps = max(step - self.window_step0, 1)
+        mean = {k: np.mean(np.stack([np.asarray(m[k], np.float64) for m in self.window]), 0)
+                for k in self.window[0]}
+        self.window = []
+        tps = nsteps * self.tokens_per_step / dt
+        mfu = nsteps * self.flops_per_step / dt / self.peak_flops
+        mean.update(tokens_per_s=tps, mfu=mfu, step_time_s=dt / nsteps)
+        self.last = mean
+        self.window_t0, self.window_step0 = time.perf_counter(), step
+        if not self.enabled:
+            return mean
+        self._write(step, mean, prefix="train")
+        self.progress.update(self.task, loss=f"{mean['loss']:.3f}", tps=f"{tps:,.0f}",
+                             mfu=f"{100 * mfu:.1f}%")
+        line = (f"step {step:>6d}  loss {mean['loss']:.4f}  ce {mean['ce']:.4f}  "
+                f"lr {mean['lr']:.2e}  |g| {mean['grad_norm']:.3f}  {tps:,.0f} tok/s  "
+                f"MFU {100 * mfu:.1f}%")
+        if "expert_load" in mean:
+            imb = float(np.max(mean["expert_load"]) * mean["expert_load"].shape[-1])
+            line += (f"  lb {_scalar(mean['load_balance_loss']):.3f}  "
+                     f"max-load x{imb:.2f}  drop {_scalar(mean['dropped_fraction']):.3f}")
+        self.log(line)
+        return mean
+
+    def eval(self, step: int, val_loss: float, seconds: float) -> None:
+        if not self.enabled:
+            return
+        self._write(step, {"loss": val_loss}, prefix="val")
+        self.log(f"step {step:>6d}  [bold]val loss {val_loss:.4f}[/bold] "
+                 f"({val_loss / np.log(2):.3f} bits/token, {seconds:.1f}s)")
+
+    def _write(self, step: int, mean: dict, prefix: str) -> None:
+        rec: dict[str, Any] = {"step": step, "split": prefix, "time": time.time()}
+        for k, v in mean.items():
+            v = np.asarray(v)
+            if v.ndim == 0:
+                self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+                rec[k] = float(v)
+            else:
+                rec[k] = v.tolist()
+                self._write_per_layer(step, k, v)
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+
+    def _write_per_layer(self, step: int, key: str, v: np.ndarray) -> None:
+        """[L] per-layer scalars and [L, E] expert loads."""
+        self.tb.add_scalar(f"moe/{key}", float(np.mean(v)), step)
+        if v.ndim == 1:
+            for layer, x in enumerate(v):
+                self.tb.add_scalar(f"moe_layer/{key}/{layer:02d}", float(x), step)
+        elif v.ndim == 2:
+            e = v.shape[1]
+            for layer, load_E in enumerate(v):
+                self.tb.add_scalar(f"expert_load_max/{layer:02d}", float(load_E.max() * e), step)
+                self.tb.add_scalar(f"expert_load_min/{layer:02d}", float(load_E.min() * e), step)
+                if e <= _MAX_PER_EXPERT_SCALARS:
+                    for j, x in enumerate(load_E):
+                        self.tb.add_scalar(f"expert_load/{layer:02d}/{j:02d}", float(x), step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+            self.tb.close()
+            self.jsonl.close()

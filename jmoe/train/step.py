@@ -1,0 +1,191 @@
+"""Train state, optimizer, and the pure train / eval steps.
+
+`train_step(state, batch_BT) -> (state, metrics)` is a pure function of
+arrays: the model's graph definition and the config are bound in with
+`functools.partial` before `jax.jit`, so one compiled step serves the whole
+run. The batch holds `seq_len + 1` tokens per row (inputs and targets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from jmoe import routing
+from jmoe.model import GPT, GPTConfig
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # nnx.Param leaves: what the optimizer trains
+    opt_state: optax.OptState
+    buffers: nnx.State  # every other variable, e.g. the routers' RouterBias
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static (hashable) part of the config that the step needs."""
+
+    seed: int
+    grad_accum_steps: int
+    load_balance_weight: float
+    z_loss_weight: float
+    update_router_bias: bool
+    bias_update_rate: float
+
+
+def step_config(config) -> StepConfig:
+    m = config.model
+    return StepConfig(
+        seed=int(config.seed), grad_accum_steps=int(config.grad_accum_steps),
+        load_balance_weight=float(config.loss.load_balance_weight),
+        z_loss_weight=float(config.loss.z_loss_weight),
+        update_router_bias=(m.router == "sigmoid_topk" and not m.dense),
+        bias_update_rate=float(m.bias_update_rate))
+
+
+def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup to `lr`, cosine decay to `lr * min_lr_ratio`, then flat."""
+    steps = total_steps if opt_cfg.schedule_steps < 0 else opt_cfg.schedule_steps
+    warmup = min(opt_cfg.warmup_steps, steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt_cfg.lr, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=opt_cfg.lr * opt_cfg.min_lr_ratio)
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; no weight decay on vectors (norm scales)."""
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    parts = []
+    if opt_cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+    parts.append(optax.adamw(make_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
+                             eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def split_model(model: GPT):
+    return nnx.split(model, nnx.Param, ...)
+
+
+def make_init(gpt_cfg: GPTConfig, tx: optax.GradientTransformation, seed: int) -> Callable:
+    """A jittable `() -> TrainState` (under `jax.eval_shape` it costs nothing)."""
+
+    def init() -> TrainState:
+        _, params, buffers = split_model(GPT(gpt_cfg, rngs=nnx.Rngs(params=seed)))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), buffers=buffers)
+
+    return init
+
+
+def graphdef_of(gpt_cfg: GPTConfig) -> nnx.GraphDef:
+    graphdef, _, _ = jax.eval_shape(lambda: split_model(GPT(gpt_cfg, rngs=nnx.Rngs(0))))
+    return graphdef
+
+
+def _forward(graphdef, params, buffers, tokens_BT1, train: bool, rng, scfg: StepConfig):
+    """Loss terms of one (micro-)batch; returns (loss, (metrics, aux))."""
+    model = nnx.merge(graphdef, params, buffers)
+    inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+    logits_BTV, aux = model(inputs_BT, train=train, rng=rng)
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    ce = jnp.mean(nll_BT)
+    loss = ce
+    metrics = {"ce": ce}
+    if aux is not None:
+        lb, z = jnp.mean(aux.load_balance_loss), jnp.mean(aux.z_loss)
+        loss = loss + scfg.load_balance_weight * lb + scfg.z_loss_weight * z
+        metrics.update(load_balance_loss=lb, z_loss=z)
+    metrics["loss"] = loss
+    return loss, (metrics, aux)
+
+
+def train_step(state: TrainState, batch_BT1: jax.Array, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               scfg: StepConfig) -> tuple[TrainState, dict]:
+    """One optimizer step over `grad_accum_steps` micro-batches."""
+    rng = jax.random.fold_in(jax.random.key(scfg.seed), state.step)
+    grad_fn = jax.value_and_grad(_forward, argnums=1, has_aux=True)
+    a = scfg.grad_accum_steps
+
+    def micro(i, tokens_BT1):
+        (_, (m, aux)), g = grad_fn(graphdef, state.params, state.buffers, tokens_BT1, True,
+                                   jax.random.fold_in(rng, i), scfg)
+        return g, m, aux
+
+    if a == 1:
+        grads, metrics, aux = micro(0, batch_BT1)
+    else:
+        # Row r goes to micro-batch r % a: every device's shard of the batch
+        # contributes to every micro-batch, so no device idles in the scan.
+        b = batch_BT1.shape[0]
+        micro_ABT1 = jnp.swapaxes(batch_BT1.reshape(b // a, a, -1), 0, 1)
+
+        def body(carry, xs):
+            i, tokens_BT1 = xs
+            g, m, aux = micro(i, tokens_BT1)
+            return jax.tree.map(jnp.add, carry, g), (m, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (metrics, aux) = jax.lax.scan(body, zeros, (jnp.arange(a), micro_ABT1))
+        grads = jax.tree.map(lambda g: g / a, grads)
+        metrics, aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), (metrics, aux))
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    buffers = state.buffers
+    if aux is not None and scfg.update_router_bias:
+        buffers = _update_router_biases(graphdef, params, buffers, aux, scfg.bias_update_rate)
+
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    if aux is not None:
+        metrics.update(expert_load=aux.expert_load, dropped_fraction=aux.dropped_fraction,
+                       router_entropy=aux.router_entropy)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           buffers=buffers)
+    return new_state, metrics
+
+
+def _update_router_biases(graphdef, params, buffers, aux, rate: float) -> nnx.State:
+    """Aux-loss-free balancing, outside the optimizer: nudge each MoE layer's
+    selection bias toward its under-loaded experts (DeepSeek-V3)."""
+    model = nnx.merge(graphdef, params, buffers)
+    for i, layer in enumerate(model.moe_blocks()):
+        layer.router.bias[...] = routing.update_bias(layer.router.bias[...],
+                                                     aux.expert_load[i], rate)
+    _, _, new_buffers = split_model(model)
+    return new_buffers
+
+
+def eval_step(state: TrainState, batch_BT1: jax.Array, *, graphdef: nnx.GraphDef,
+              scfg: StepConfig) -> jax.Array:
+    """Mean next-token cross entropy (nats per token) of one batch."""
+    _, (metrics, _) = _forward(graphdef, state.params, state.buffers, batch_BT1, False, None,
+                               scfg)
+    return metrics["ce"]
+
+
+def jit_steps(mesh, state_sharding, batch_sharding, graphdef, tx, schedule, scfg):
+    """The jitted train step (state donated) and eval step."""
+    train = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, scfg=scfg),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None),
+        donate_argnums=(0,))
+    evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, scfg=scfg),
+                       in_shardings=(state_sharding, batch_sharding))
+    return train, evaluate
+
+
+def abstract_state(gpt_cfg: GPTConfig, tx, seed: int) -> Any:
+    return jax.eval_shape(make_init(gpt_cfg, tx, seed))

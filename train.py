@@ -1,0 +1,42 @@
+r"""Trains a GPT-MoE; the loop lives in jmoe/train/ (intentionally kept short).
+
+  python train.py --config configs/gpt_moe.py
+  python train.py --config configs/gpt_moe.py:small --config.model.num_experts=16 \
+      --workdir runs/small16
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/gpt_moe.py", "Config file[:variant].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metrics "
+                    "(default: runs/<config name>[_<variant>]).")
+
+
+def default_workdir(config_arg: str) -> str:
+    path, _, variant = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", name + ("_" + variant.replace(",", "_") if variant else ""))
+
+
+def main(argv):
+    del argv
+    from jmoe.train import run  # after flag parsing: a bad flag costs no JAX import
+
+    workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
+    try:
+        run(flags.FLAGS.config, workdir, distributed=True)
+    except (ValueError, FloatingPointError) as e:
+        # One line, no traceback: these are the user's to fix (config, data, NaN).
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
