@@ -10,7 +10,7 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/gpt_moe.py", "Config file[:variant].",
@@ -27,12 +27,14 @@ def default_workdir(config_arg: str) -> str:
 
 def main(argv):
     del argv
-    from jmoe.train import run  # after flag parsing: a bad flag costs no JAX import
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    from jmoe.train import ConfigError, NonFiniteLoss, run  # after flag parsing
 
     workdir = flags.FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
     try:
         run(flags.FLAGS.config, workdir, distributed=True)
-    except (ValueError, FloatingPointError) as e:
+    except (ConfigError, NonFiniteLoss) as e:
         # One line, no traceback: these are the user's to fix (config, data, NaN).
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -9,6 +9,6 @@
   sample      `python -m jmoe.train.sample runs/NAME`
 """
 
-from jmoe.train.loop import NonFiniteLoss, run, validate_config
+from jmoe.train.loop import ConfigError, NonFiniteLoss, run, validate_config
 
-__all__ = ["run", "validate_config", "NonFiniteLoss"]
+__all__ = ["run", "validate_config", "ConfigError", "NonFiniteLoss"]

@@ -32,7 +32,11 @@ from jmoe.train import checkpoint, data, mesh as mesh_lib, metrics as metrics_li
 
 
 class NonFiniteLoss(FloatingPointError):
-    pass
+    """The loss became NaN/Inf; the message names the step."""
+
+
+class ConfigError(ValueError):
+    """A config, data path or workdir that cannot work, found before compiling."""
 
 
 def _fail(field: str, value: Any, fix: str) -> None:
@@ -141,12 +145,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
     describes one (SLURM, JAX_COORDINATOR_ADDRESS); train.py passes it.
     """
     t_start = time.time()
-    gpt = validate_config(config)  # before any device work: errors come first
-    if distributed:
-        maybe_initialize_distributed()
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.expert)
-    validate_mesh(config, gpt, mesh)
-    corpus = data.load_corpus(config.data, gpt.vocab_size)
+    try:
+        gpt = validate_config(config)  # before any device work: errors come first
+        if distributed:
+            maybe_initialize_distributed()
+        mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.expert)
+        validate_mesh(config, gpt, mesh)
+        corpus = data.load_corpus(config.data, gpt.vocab_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
@@ -196,7 +203,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
         latest = mgr.latest_step()
         if latest is not None:
             saved_cfg = checkpoint.restore_config(workdir, latest)[1]
-            _check_same_model(saved_cfg.model.to_dict(), config)
+            try:
+                _check_same_model(saved_cfg.model.to_dict(), config)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
             start, state, data_state = checkpoint.restore(mgr, abstract_with(abstract, shardings))
             train_it.set_state(data_state)
         else:

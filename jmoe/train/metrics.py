@@ -64,7 +64,8 @@ class Reporter:
         self.enabled = enabled
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
-        self.console = console or Console(stderr=False)
+        # soft_wrap: log lines stay whole in files and pipes (no 80-column wrap).
+        self.console = console or Console(soft_wrap=True)
         self.window: list[dict] = []
         self.window_t0 = time.perf_counter()
         self.window_step0 = start_step
@@ -89,6 +90,7 @@ class Reporter:
     def log(self, text: str) -> None:
         if self.enabled:
             self.console.print(text, highlight=False)
+            self.console.file.flush()  # visible at once when stdout is a file or pipe
 
     def reset_clock(self, step: int) -> None:
         """Starts a new timing window (after compiles, evals and restores)."""
