@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jmoe.vma import match_cotangent
+
 
 @struct.dataclass
 class Plan:
@@ -139,14 +141,15 @@ def permute(x_TD: jax.Array, slot_TK: jax.Array, src_R: jax.Array) -> jax.Array:
 
 
 def _permute_fwd(x_TD, slot_TK, src_R):
-    return permute(x_TD, slot_TK, src_R), (slot_TK, src_R)
+    # x_TD[:0] is empty: it only carries x's replication type to the backward.
+    return permute(x_TD, slot_TK, src_R), (slot_TK, src_R, x_TD[:0])
 
 
 def _permute_bwd(res, dbuf_RD):
-    slot_TK, src_R = res
+    slot_TK, src_R, x_type = res
     # Each token's K copies went to rows slot_TK[t]; dropped ones to the zero row.
     dx_TD = jnp.sum(_pad_row(dbuf_RD)[slot_TK], axis=1)
-    return dx_TD, None, None
+    return match_cotangent(dx_TD, x_type), None, None
 
 
 permute.defvjp(_permute_fwd, _permute_bwd)
@@ -174,7 +177,7 @@ def _unpermute_bwd(res, dout_TD):
     dy_RD = (w_A * _pad_row(dout32)[src_R // k]).astype(y_RD.dtype)
     y_TKD = _pad_row(y_RD)[slot_TK].astype(jnp.float32)
     dw_TK = jnp.einsum("tkd,td->tk", y_TKD, dout32).astype(weights_TK.dtype)
-    return dy_RD, dw_TK, None, None
+    return match_cotangent(dy_RD, y_RD), match_cotangent(dw_TK, weights_TK), None, None
 
 
 unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)

@@ -263,10 +263,7 @@ class GPT(nnx.Module):
             if cfg.remat == "none":
                 x_BTD, aux = block(x_BTD, train, layer_rng)
             else:
-                policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                          if cfg.remat == "dots" else None)
-                fn = nnx.remat(lambda b, x, r: b(x, train, r), policy=policy)
-                x_BTD, aux = fn(block, x_BTD, layer_rng)
+                x_BTD, aux = _remat_block(block, x_BTD, train, layer_rng, cfg.remat)
             if aux is not None:
                 auxes.append(aux)
         x_BTD = self.final_norm(x_BTD)
@@ -281,6 +278,34 @@ class GPT(nnx.Module):
 
     def moe_blocks(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if b.is_moe]
+
+
+def init_model(cfg: GPTConfig, seed: int = 0) -> GPT:
+    """`GPT(cfg)` with its initialisers compiled as one jitted function.
+
+    Creating the module eagerly dispatches (and compiles) every initialiser
+    op separately, which takes seconds even for a tiny model on CPU.
+    """
+    make = lambda: nnx.split(GPT(cfg, rngs=nnx.Rngs(params=seed)))
+    graphdef, _ = jax.eval_shape(make)
+    _, state = jax.jit(make)()
+    return nnx.merge(graphdef, state)
+
+
+def _remat_block(block: Block, x_BTD: jax.Array, train: bool, rng, remat: str):
+    """Recomputes the block's activations in the backward pass.
+
+    A plain `jax.checkpoint` of a pure function of the block's state: the
+    block mutates nothing during the forward pass (router biases are updated
+    by the trainer afterwards), so no state needs to flow back out.
+    """
+    graphdef, state = nnx.split(block)
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+
+    def fn(state, x_BTD, rng):
+        return nnx.merge(graphdef, state)(x_BTD, train, rng)
+
+    return jax.checkpoint(fn, policy=policy)(state, x_BTD, rng)
 
 
 # ---------------------------------------------------------- counting ----

@@ -172,7 +172,7 @@ def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool):
         dropped = jnp.sum(send_sizes_P - sent_ok_P).astype(jnp.int32)
         send_sizes_P = sent_ok_P
     out_off_P = all_to_all(recv_off_P, ep, cfg.a2a_hierarchy)
-    zeros = jnp.zeros((rows,) + buf_AD.shape[1:], buf_AD.dtype)
+    zeros = varying_like(jnp.zeros((rows,) + buf_AD.shape[1:], buf_AD.dtype), buf_AD)
     with jax.named_scope("all_to_all_dispatch"):
         recv_RD = _ragged(cfg, ep, buf_AD, zeros, in_off_P, send_sizes_P, out_off_P,
                           recv_sizes_P)
@@ -187,7 +187,7 @@ def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool):
         if tp:
             # Partial sums over the F shards (also marks y invariant over `tensor`).
             y = lax.psum(y, "tensor")
-        ones = varying_like(jnp.ones((rows, 1), jnp.float32), recv_RD)
+        ones = varying_like(jnp.ones((rows, 1), jnp.float32), buf_AD)
         y_RD = dispatch.unpermute(y, ones, lplan.slot_TK, lplan.src_R)
     back_off_P = all_to_all(in_off_P, ep, cfg.a2a_hierarchy)
     with jax.named_scope("all_to_all_combine"):
