@@ -61,6 +61,10 @@ class MoEConfig:
         ceil(ep_recv_factor * local assignments) rows per device; 0 sizes it
         for the worst case (every token to this device). Assignments that do
         not fit are dropped and reported in `dropped_fraction`, never silently.
+      overlap_chunks: splits each shard's dispatched tokens into this many
+        chunks whose all-to-alls and expert compute are independent, so the
+        scheduler can overlap chunk i+1's all-to-all with chunk i's experts
+        (Tutel's overlap degree). Math-identical to 1.
     """
 
     d_model: int
@@ -87,6 +91,7 @@ class MoEConfig:
     a2a_hierarchy: int = 0
     ragged_impl: str = "auto"
     ep_recv_factor: float = 0.0
+    overlap_chunks: int = 1
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -115,6 +120,8 @@ class MoEConfig:
             _fail("a2a_hierarchy", self.a2a_hierarchy, "must be >= 0 (0 = flat all-to-all).")
         if self.ep_recv_factor < 0:
             _fail("ep_recv_factor", self.ep_recv_factor, "must be >= 0 (0 = worst-case buffer).")
+        if not isinstance(self.overlap_chunks, int) or self.overlap_chunks < 1:
+            _fail("overlap_chunks", self.overlap_chunks, "must be an integer >= 1 (1 = no chunking).")
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k,
                   f"top_k cannot exceed num_experts={self.num_experts}; lower top_k "

@@ -288,8 +288,19 @@ def init_model(cfg: GPTConfig, seed: int = 0) -> GPT:
     """
     make = lambda: nnx.split(GPT(cfg, rngs=nnx.Rngs(params=seed)))
     graphdef, _ = jax.eval_shape(make)
-    _, state = jax.jit(make)()
+    _, state = compile_init(jax.jit(make))()
     return nnx.merge(graphdef, state)
+
+
+def compile_init(jitted_init) -> Any:
+    """Compiles a jitted initialiser, cheaply on CPU.
+
+    XLA:CPU spends ~0.4 s of LLVM time per random-normal call at the default
+    optimisation level (over 10 s for a small model); an initialiser runs
+    once, so it is compiled at level 0, which is 4x faster to build.
+    """
+    opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+    return jitted_init.lower().compile(compiler_options=opts)
 
 
 def _remat_block(block: Block, x_BTD: jax.Array, train: bool, rng, remat: str):

@@ -378,7 +378,7 @@ def test_bad_shapes_and_dtypes_raise():
 
 
 def test_xla_ladder():
-    assert xla_gmm.chunk_ladder(512, 8192) == (512, 128)
-    assert xla_gmm.chunk_ladder(512, 300) == (300, 128)
-    assert xla_gmm.chunk_ladder(4, 100) == (4, 1)
+    assert xla_gmm.chunk_ladder(512, 8192) == (512, 256, 128)
+    assert xla_gmm.chunk_ladder(1024, 300) == (300, 256, 128)
+    assert xla_gmm.chunk_ladder(32, 100) == (32, 16, 8)
     assert xla_gmm.chunk_ladder(64, 7) == (7,)

@@ -28,6 +28,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -196,8 +197,31 @@ def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool):
     return y_AD, dropped
 
 
+def chunk_bounds(size: int, chunks: int) -> list:
+    """Static [start, stop) pieces of `range(size)`, as equal as possible, none empty."""
+    edges = np.linspace(0, size, min(chunks, max(size, 1)) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
 def _capacity_exchange(buf_ECD, w, cfg: MoEConfig, ep: int, tp: bool):
-    """[E, C, D] buffers -> experts on their devices -> back, as [E, C, D]."""
+    """[E, C, D] buffers -> experts on their devices -> back, as [E, C, D].
+
+    With `overlap_chunks = n` the C slots are cut into n pieces, each with its
+    own all-to-alls and expert matmuls: piece i+1's dispatch does not wait for
+    piece i's experts, so the scheduler may run them concurrently. Every row
+    is computed exactly as without chunking.
+    """
+    pieces = chunk_bounds(buf_ECD.shape[1], cfg.overlap_chunks)
+    if len(pieces) == 1:
+        return _capacity_exchange_one(buf_ECD, w, cfg, ep, tp)
+    ys = []
+    for i, (a, b) in enumerate(pieces):
+        with jax.named_scope(f"chunk{i}"):
+            ys.append(_capacity_exchange_one(buf_ECD[:, a:b], w, cfg, ep, tp))
+    return jnp.concatenate(ys, axis=1)
+
+
+def _capacity_exchange_one(buf_ECD, w, cfg: MoEConfig, ep: int, tp: bool):
     e, c, d = buf_ECD.shape
     e_local = e // ep
     with jax.named_scope("all_to_all_dispatch"):
@@ -257,8 +281,8 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
     if bias_E is None:
         bias_E = jnp.zeros((cfg.num_experts,), jnp.float32)
 
-    def body(x, xr, w_DE, bias, w):
-        out, sums, dropped = moe.moe_core(
+    def core(x, xr, w_DE, bias, w):
+        return moe.moe_core(
             x, xr, w_DE, cfg, bias,
             capacity_experts=functools.partial(_capacity_exchange, w=w, cfg=cfg, ep=ep, tp=tp),
             dropless_experts=lambda buf, counts: _dropless_exchange(
@@ -266,6 +290,20 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
             # Rows are sorted per global expert before the exchange; the
             # receiving side pads to `group_align` when it regroups them.
             dropless_align=1)
+
+    def body(x, xr, w_DE, bias, w):
+        if cfg.dispatch == "dropless" and cfg.overlap_chunks > 1:
+            # Dropless chunks by token: routing is per token and nothing drops,
+            # so each chunk's pipeline is independent and the sum is exact.
+            parts = []
+            for i, (a, b) in enumerate(chunk_bounds(x.shape[0], cfg.overlap_chunks)):
+                with jax.named_scope(f"chunk{i}"):
+                    parts.append(core(x[a:b], xr[a:b], w_DE, bias, w))
+            out = jnp.concatenate([p_[0] for p_ in parts], axis=0)
+            sums, dropped = jax.tree.map(lambda *v: sum(v[1:], v[0]),
+                                         *[(p_[1], p_[2]) for p_ in parts])
+        else:
+            out, sums, dropped = core(x, xr, w_DE, bias, w)
         if tok:
             sums, dropped = lax.psum((sums, dropped), tok)
         return out, moe.finalize_stats(sums, cfg, dropped)

@@ -32,6 +32,7 @@ FLAGS = flags.FLAGS
 
 def build(config):
     """(jitted step, state, batch, tokens per step) for one config on the mesh."""
+    from jmoe import model as model_lib
     from jmoe.train import data, loop, mesh as mesh_lib, step as step_lib
 
     gpt = loop.validate_config(config)
@@ -43,7 +44,7 @@ def build(config):
     shardings = mesh_lib.state_shardings(mesh, jax.eval_shape(init))
     bsh = mesh_lib.batch_sharding(mesh)
     with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+        state = model_lib.compile_init(jax.jit(init, out_shardings=shardings))()
         train_fn, _ = step_lib.jit_steps(mesh, shardings, bsh, step_lib.graphdef_of(gpt), tx,
                                          schedule, step_lib.step_config(config))
     rng = np.random.default_rng(0)

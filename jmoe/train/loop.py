@@ -211,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
             train_it.set_state(data_state)
         else:
             start = 0
-            state = jax.jit(init, out_shardings=shardings)()
+            state = model_lib.compile_init(jax.jit(init, out_shardings=shardings))()
         train_fn, eval_fn = step_lib.jit_steps(mesh, shardings, batch_sharding, graphdef, tx,
                                                schedule, scfg)
 

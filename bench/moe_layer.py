@@ -1,0 +1,168 @@
+"""MoE layer forward+backward against the dense limit and the peers' approaches.
+
+    python bench/moe_layer.py --json bench/results/moe_layer.json
+
+Rows (all fp32, forward + backward as `jax.vjp` with a fixed random
+cotangent, every weight passed to the jitted function as an argument):
+
+  dense_limit      one expert-sized FFN on T*K tokens: the same active FLOPs
+  jmoe_capacity    jmoe, dispatch='capacity' (cf from --cf)
+  jmoe_dropless    jmoe, dispatch='dropless'
+  onehot_einsum    GShard/flaxformer one-hot [T, E, C] dispatch/combine einsums
+  sort_ragged_dot  sort by expert + jax.lax.ragged_dot (MaxText's GPU path)
+
+Timings are interleaved (one call of each variant per round) and the table
+reports medians and the ratio to `dense_limit`, all from this one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jmoe  # noqa: E402
+
+
+def dense_limit(cfg, t):
+    def f(x_TD, w_up_DF, w_down_FD):
+        return jax.nn.gelu(x_TD @ w_up_DF) @ w_down_FD
+    key = jax.random.key(0)
+    args = (jax.random.normal(key, (t * cfg.top_k, cfg.d_model)),
+            jax.random.normal(key, (cfg.d_model, cfg.d_ff)) / np.sqrt(cfg.d_model),
+            jax.random.normal(key, (cfg.d_ff, cfg.d_model)) / np.sqrt(cfg.d_ff))
+    return f, args
+
+
+def jmoe_layer(cfg):
+    def f(x_TD, params):
+        return jmoe.moe_apply(params, x_TD, cfg)[0]
+    return f
+
+
+def onehot_einsum(cfg, t):
+    """GShard-style: one-hot dispatch mask [T, E, C] and combine tensor."""
+    e, k, c = cfg.num_experts, cfg.top_k, cfg.capacity(t)
+
+    def f(x_TD, params):
+        logits_TE = x_TD @ params["router"]["w_DE"]
+        probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+        w_TK, idx_TK = jax.lax.top_k(probs_TE, k)
+        w_TK = w_TK / jnp.sum(w_TK, axis=-1, keepdims=True)
+        mask_KTE = jax.nn.one_hot(idx_TK.T, e, dtype=jnp.int32)
+        # Position of each token in its expert's buffer, top-1 choices first.
+        pos_KTE = jnp.cumsum(mask_KTE.reshape(k * t, e), axis=0).reshape(k, t, e) * mask_KTE - 1
+        keep_KTE = (pos_KTE >= 0) & (pos_KTE < c)
+        pos_onehot = jax.nn.one_hot(jnp.where(keep_KTE, pos_KTE, -1), c, dtype=x_TD.dtype)
+        dispatch_TEC = jnp.sum(pos_onehot, axis=0)
+        combine_TEC = jnp.einsum("kt,ktec->tec", w_TK.T, pos_onehot)
+        x_ECD = jnp.einsum("tec,td->ecd", dispatch_TEC, x_TD)
+        w = params["experts"]
+        h = jax.nn.gelu(jnp.einsum("ecd,edf->ecf", x_ECD, w["w_up_EDF"]))
+        y_ECD = jnp.einsum("ecf,efd->ecd", h, w["w_down_EFD"])
+        return jnp.einsum("tec,ecd->td", combine_TEC, y_ECD)
+    return f
+
+
+def sort_ragged_dot(cfg, t):
+    """Sort assignments by expert, `lax.ragged_dot` per group, unsort, combine."""
+    e, k = cfg.num_experts, cfg.top_k
+
+    def f(x_TD, params):
+        logits_TE = x_TD @ params["router"]["w_DE"]
+        w_TK, idx_TK = jax.lax.top_k(jax.nn.softmax(logits_TE, axis=-1), k)
+        w_TK = w_TK / jnp.sum(w_TK, axis=-1, keepdims=True)
+        flat = idx_TK.reshape(-1)
+        order = jnp.argsort(flat)
+        xs = x_TD[order // k]
+        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        w = params["experts"]
+        h = jax.nn.gelu(jax.lax.ragged_dot(xs, w["w_up_EDF"], sizes))
+        ys = jax.lax.ragged_dot(h, w["w_down_EFD"], sizes)
+        y_A = jnp.zeros_like(ys).at[order].set(ys)
+        return jnp.sum(y_A.reshape(t, k, -1) * w_TK[..., None], axis=1)
+    return f
+
+
+def fwd_bwd(f):
+    """jit(x, *weights, ct) -> all input cotangents, via jax.vjp."""
+    @jax.jit
+    def run(ct, *args):
+        y, vjp = jax.vjp(f, *args)
+        return y, vjp(ct)
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--d_model", type=int, default=512)
+    p.add_argument("--d_ff", type=int, default=2048)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top_k", type=int, default=2)
+    p.add_argument("--cf", type=float, default=1.25)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke test)")
+    p.add_argument("--json", type=str, default=None, help="write results here")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.tokens, a.d_model, a.d_ff, a.repeats = 256, 64, 128, 2
+    t = a.tokens
+    base = jmoe.MoEConfig(d_model=a.d_model, d_ff=a.d_ff, num_experts=a.experts,
+                          top_k=a.top_k, activation="gelu", capacity_factor=a.cf)
+    cap_cfg = base.replace(dispatch="capacity")
+    drop_cfg = base.replace(dispatch="dropless")
+    params = jmoe.init_params(jax.random.key(0), base)
+    x = jax.random.normal(jax.random.key(1), (t, a.d_model))
+    ct = jax.random.normal(jax.random.key(2), (t, a.d_model))
+    dense_f, dense_args = dense_limit(base, t)
+    dense_ct = jax.random.normal(jax.random.key(3), (t * a.top_k, a.d_model))
+    rows = {
+        "dense_limit": (fwd_bwd(dense_f), (dense_ct,) + dense_args),
+        "jmoe_capacity": (fwd_bwd(jmoe_layer(cap_cfg)), (ct, x, params)),
+        "jmoe_dropless": (fwd_bwd(jmoe_layer(drop_cfg)), (ct, x, params)),
+        "onehot_einsum": (fwd_bwd(onehot_einsum(cap_cfg, t)), (ct, x, params)),
+        "sort_ragged_dot": (fwd_bwd(sort_ragged_dot(drop_cfg, t)), (ct, x, params)),
+    }
+    print(f"platform={jax.default_backend()} devices={jax.device_count()} "
+          f"T={t} D={a.d_model} F={a.d_ff} E={a.experts} K={a.top_k} cf={a.cf}", flush=True)
+    for name, (fn, args) in rows.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        print(f"  compiled + first run {name:16s} {time.perf_counter() - t0:6.2f}s", flush=True)
+    samples = {name: [] for name in rows}
+    for r in range(a.repeats):
+        for name, (fn, args) in rows.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            samples[name].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{a.repeats} done", flush=True)
+    med = {n: float(np.median(s)) for n, s in samples.items()}
+    out_rows = [{"name": n, "median_s": med[n], "ratio": med[n] / med["dense_limit"]}
+                for n in rows]
+    print(f"\n| variant | median fwd+bwd (s) | ratio to dense_limit |\n|---|---|---|")
+    for row in out_rows:
+        print(f"| {row['name']} | {row['median_s']:.4f} | {row['ratio']:.2f}x |")
+    result = {"platform": jax.default_backend(), "machine": platform.machine(),
+              "jax": jax.__version__,
+              "shape": {"T": t, "D": a.d_model, "F": a.d_ff, "E": a.experts, "K": a.top_k,
+                        "cf": a.cf, "activation": "gelu", "dtype": "float32"},
+              "repeats": a.repeats, "rows": out_rows}
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {a.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
