@@ -16,7 +16,9 @@ forward+backward:
 
 All in one process, repeats interleaved across variants (the machine is
 shared and noisy), medians reported as ratios to the dense limit of the same
-pass. Backward is `jax.vjp` applied to a fixed random cotangent with every
+pass ("x limit": median over rounds of wall time / the limit's wall time in
+the same round; "cpu x": the same in process CPU time, steadier when other
+jobs share the cores). Backward is `jax.vjp` applied to a fixed random cotangent with every
 weight a jit argument (closed-over weights become constants and XLA folds
 part of the dense backward, which flatters the baseline).
 
@@ -94,18 +96,28 @@ def make_variants(sizes: np.ndarray, backends: list[str]) -> dict[str, Callable]
     return variants
 
 
-def time_interleaved(fns: dict[str, Callable], args: dict[str, tuple],
-                     repeats: int) -> dict[str, float]:
-    """Median wall time of each fn, repeats interleaved across fns."""
-    times = {k: [] for k in fns}
+def time_interleaved(fns: dict, args: dict, repeats: int, ref_of: Callable):
+    """Per fn: median wall time, median of per-round wall ratios to its
+    reference fn (timed in the same round, so load drift cancels), and the
+    same ratio in process CPU time (threads summed; steadier when other jobs
+    share the cores). Repeats are interleaved across fns."""
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for k, f in fns.items():  # compile + warm up
         jax.block_until_ready(f(*args[k]))
     for _ in range(repeats):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(f(*args[k]))
-            times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+            cpu[k].append(time.process_time() - c0)
+            wall[k].append(time.perf_counter() - t0)
+    out = {}
+    for k in fns:
+        r = ref_of(k)
+        out[k] = (float(np.median(wall[k])),
+                  float(np.median(np.array(wall[k]) / np.array(wall[r]))),
+                  float(np.median(np.array(cpu[k]) / np.array(cpu[r]))))
+    return out
 
 
 def main() -> None:
@@ -135,7 +147,8 @@ def main() -> None:
 
     cases = {"balanced": balanced_sizes(m, g), "skewed": skewed_sizes(m, g)}
     rows, lines = [], []
-    header = f"{'case':9} {'pass':8} {'variant':16} {'median ms':>10} {'x limit':>8}"
+    header = (f"{'case':9} {'pass':8} {'variant':16} {'median ms':>10} "
+              f"{'x limit':>8} {'cpu x':>8}")
     if on_gpu:
         header += f" {'TFLOP/s':>8} {'% dense':>8}"
     for case, sizes in cases.items():
@@ -149,24 +162,28 @@ def main() -> None:
             args[("fwd", name)] = (x, w, gs)
             fns[("fwd+bwd", name)] = jax.jit(_fwd_bwd(f))
             args[("fwd+bwd", name)] = (x, w, gs, dy)
-        med = time_interleaved(fns, args, repeats)
-        for (pss, name), t in med.items():
-            limit = med[(pss, "dense (limit)")]
+        med = time_interleaved(fns, args, repeats,
+                               ref_of=lambda key: (key[0], "dense (limit)"))
+        for (pss, name), (t, ratio, cpu_ratio) in med.items():
             flops = flops_fwd * (1 if pss == "fwd" else 3)
             row = {"name": f"{case}/{pss}/{name}", "case": case, "pass": pss,
-                   "variant": name, "median_s": t, "ratio": t / limit}
-            line = f"{case:9} {pss:8} {name:16} {t * 1e3:10.2f} {t / limit:8.2f}"
+                   "variant": name, "median_s": t, "ratio": ratio,
+                   "cpu_time_ratio": cpu_ratio}
+            line = (f"{case:9} {pss:8} {name:16} {t * 1e3:10.2f} {ratio:8.2f}"
+                    f" {cpu_ratio:8.2f}")
             if on_gpu:
+                limit = med[(pss, "dense (limit)")][0]
                 row["tflops"] = flops / t / 1e12
                 row["fraction_of_dense"] = limit / t
                 line += f" {row['tflops']:8.1f} {100 * limit / t:7.0f}%"
             rows.append(row)
             lines.append(line)
-        # The headline: ragged_dot time over gmm time.
+        # The headline: how much faster than ragged_dot.
         for pss in ("fwd", "fwd+bwd"):
-            if ("fwd", "ragged_dot") in med:
-                sp = med[(pss, "ragged_dot")] / med[(pss, "gmm[xla]")]
-                lines.append(f"{case:9} {pss:8} gmm[xla] is {sp:.1f}x faster than ragged_dot")
+            if (pss, "ragged_dot") in med:
+                sp = med[(pss, "ragged_dot")][0] / med[(pss, "gmm[xla]")][0]
+                lines.append(f"{case:9} {pss:8} gmm[xla] is {sp:.1f}x faster "
+                             "than ragged_dot")
 
     print(f"platform={jax.default_backend()} devices={jax.devices()[0].device_kind} "
           f"M={m} K={k} N={n} G={g} dtype={dtype.name} repeats={repeats}")

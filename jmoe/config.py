@@ -65,6 +65,10 @@ class MoEConfig:
         chunks whose all-to-alls and expert compute are independent, so the
         scheduler can overlap chunk i+1's all-to-all with chunk i's experts
         (Tutel's overlap degree). Math-identical to 1.
+      collective_matmul: with expert tensor parallelism (a `tensor` mesh axis
+        > 1) on the capacity path, the down-projection's all-reduce becomes a
+        ring of ppermutes overlapped with the matmul (reduce-scatter) plus an
+        all-gather. Math-identical to the plain all-reduce.
     """
 
     d_model: int
@@ -92,6 +96,7 @@ class MoEConfig:
     ragged_impl: str = "auto"
     ep_recv_factor: float = 0.0
     overlap_chunks: int = 1
+    collective_matmul: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
 

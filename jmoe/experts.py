@@ -37,14 +37,18 @@ def grouped_mlp(x_RD: jax.Array, w: Mapping[str, jax.Array], group_sizes_E: jax.
     return mm(h_RF, w["w_down_EFD"])
 
 
-def batched_mlp(x_ECD: jax.Array, w: Mapping[str, jax.Array], activation: str) -> jax.Array:
-    """[E, C, D] capacity buffers -> [E, C, D]: expert e on its own C rows."""
+def batched_hidden(x_ECD: jax.Array, w: Mapping[str, jax.Array], activation: str) -> jax.Array:
+    """[E, C, D] -> [E, C, F]: the activated hidden layer of each expert."""
     mm = lambda lhs, rhs: jnp.einsum("ecd,edf->ecf", lhs, rhs.astype(lhs.dtype))
     if activation == "swiglu":
-        h_ECF = activation_fn(activation, mm(x_ECD, w["w_gate_EDF"]), mm(x_ECD, w["w_up_EDF"]))
-    else:
-        h_ECF = activation_fn(activation, mm(x_ECD, w["w_up_EDF"]), None)
-    return mm(h_ECF, w["w_down_EFD"])
+        return activation_fn(activation, mm(x_ECD, w["w_gate_EDF"]), mm(x_ECD, w["w_up_EDF"]))
+    return activation_fn(activation, mm(x_ECD, w["w_up_EDF"]), None)
+
+
+def batched_mlp(x_ECD: jax.Array, w: Mapping[str, jax.Array], activation: str) -> jax.Array:
+    """[E, C, D] capacity buffers -> [E, C, D]: expert e on its own C rows."""
+    h_ECF = batched_hidden(x_ECD, w, activation)
+    return jnp.einsum("ecf,efd->ecd", h_ECF, w["w_down_EFD"].astype(h_ECF.dtype))
 
 
 def dense_mlp(x_TD: jax.Array, w: Mapping[str, jax.Array], activation: str) -> jax.Array:

@@ -142,8 +142,11 @@ def from_config(model_cfg: Mapping[str, Any]) -> GPTConfig:
     base = GPTConfig(**gpt)
     moe = None
     if "d_ff" in moe_kw and base.moe_every > 0:
-        moe = MoEConfig(d_model=base.d_model, dtype=base.dtype, param_dtype=base.param_dtype,
-                        **moe_kw)
+        try:
+            moe = MoEConfig(d_model=base.d_model, dtype=base.dtype, param_dtype=base.param_dtype,
+                            **moe_kw)
+        except ValueError as e:  # name the field as the user sets it
+            raise ValueError(str(e).replace("MoEConfig.", "config.model.")) from e
     out = dataclasses.replace(base, moe=moe)
     out.validate()
     return out

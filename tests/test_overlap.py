@@ -113,3 +113,61 @@ def test_compiled_hlo_has_n_all_to_alls_per_direction(n):
         params, x).compile().as_text()
     count = sum(1 for line in hlo.splitlines() if " all-to-all(" in line or "all-to-all-start(" in line)
     assert count == 2 * n  # n dispatch + n combine
+
+
+@pytest.mark.parametrize("tensor", [2, 4])
+def test_collective_matmuls_equal_plain_collectives(tensor):
+    from jax.sharding import PartitionSpec as P
+    from jmoe.sharding import collective_matmul as cm
+
+    mesh = make_mesh(data=8 // tensor, expert=1, tensor=tensor)
+    m, k, n = 8, 12, 6
+    x = jax.random.normal(jax.random.key(0), (tensor * m, k))
+    w = jax.random.normal(jax.random.key(1), (k, tensor * n))
+    xk = jax.random.normal(jax.random.key(2), (tensor * m, tensor * k))
+    wk = jax.random.normal(jax.random.key(3), (tensor * k, n))
+
+    def sm(f, in_specs, out_specs):
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
+
+    cases = [
+        # all-gather rows of x, then matmul (plain vs ring, one- and two-way)
+        # (outputs are per-device copies, stacked over `tensor`)
+        (lambda a, b: jax.lax.all_gather(a, "tensor", tiled=True) @ b,
+         lambda a, b: cm.all_gather_matmul(a, b, "tensor"),
+         (P("tensor", None), P()), P("tensor"), (x, w[:, :n])),
+        (lambda a, b: jax.lax.all_gather(a, "tensor", tiled=True) @ b,
+         lambda a, b: cm.all_gather_matmul(a, b, "tensor", bidirectional=True),
+         (P("tensor", None), P()), P("tensor"), (x, w[:, :n])),
+        # FSDP-style: gather the weight's column shards
+        (lambda a, b: a @ jax.lax.all_gather(b, "tensor", axis=1, tiled=True),
+         lambda a, b: cm.all_gather_matmul(a, b, "tensor", gathered="rhs"),
+         (P(), P(None, "tensor")), P("tensor"), (x, w)),
+        # matmul over K shards, then reduce-scatter rows
+        (lambda a, b: jax.lax.psum_scatter(a @ b, "tensor", scatter_dimension=0, tiled=True),
+         lambda a, b: cm.matmul_reduce_scatter(a, b, "tensor"),
+         (P(None, "tensor"), P("tensor", None)), P("tensor", None), (xk, wk)),
+    ]
+    for plain, ring, in_specs, out_specs, args in cases:
+        f_plain, f_ring = sm(plain, in_specs, out_specs), sm(ring, in_specs, out_specs)
+        y0, vjp0 = jax.vjp(f_plain, *args)
+        y1, vjp1 = jax.vjp(f_ring, *args)
+        np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-5)
+        ct = jax.random.normal(jax.random.key(9), y0.shape)
+        for g1, g0 in zip(vjp1(ct), vjp0(ct)):
+            np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tensor", [2, 4])
+def test_collective_matmul_layer_equals_plain(tensor):
+    cfg = _cfg(dispatch="capacity")
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (T, D))
+    ct = jax.random.normal(jax.random.key(2), (T, D))
+    mesh = make_mesh(data=1, expert=8 // tensor, tensor=tensor)
+    ref = _run(cfg, None, params, x, ct)
+    got = _run(cfg.replace(collective_matmul=True), mesh, params, x, ct)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5,
+                                   atol=1e-5 * float(np.max(np.abs(b)) if b.size else 0) + 1e-7)

@@ -97,7 +97,7 @@ def _gmm_kernel(tile_visit_start_ref, visit_group_ref, group_start_ref,
             else:
                 w = plt.load(rhs_ref.at[g, pl.ds(kb * tk, tk), pl.ds(col0, tn)],
                              mask=k_ok[:, None] & col_ok[None, :], other=0)
-            return acc + pl.dot(x, w, trans_b=transpose_rhs, precision=precision)
+            return acc + plt.dot(x, w, trans_b=transpose_rhs, precision=precision)
 
         return lax.fori_loop(0, num_k, k_step, acc)
 
@@ -175,7 +175,7 @@ def _tgmm_kernel(group_start_ref, group_end_ref, lhs_ref, dout_ref, out_ref, *,
                      mask=row_ok[:, None] & k_ok[None, :], other=0)
         dy = plt.load(dout_ref.at[pl.ds(r0, tm), pl.ds(col0, tn)],
                       mask=row_ok[:, None] & col_ok[None, :], other=0)
-        return acc + pl.dot(x, dy, trans_a=True, precision=precision)
+        return acc + plt.dot(x, dy, trans_a=True, precision=precision)
 
     acc = lax.fori_loop(0, num_chunks, chunk, jnp.zeros((tk, tn), jnp.float32))
     plt.store(out_ref.at[g, pl.ds(k0, tk), pl.ds(col0, tn)],

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from jmoe import dispatch, experts
 from jmoe.config import MoEConfig
 from jmoe.vma import varying_like
-from jmoe.sharding import specs
+from jmoe.sharding import collective_matmul, specs
 from jmoe.sharding.mesh import axis_size
 
 _OUR_AXES = ("data", "expert", "tensor")
@@ -228,13 +228,33 @@ def _capacity_exchange_one(buf_ECD, w, cfg: MoEConfig, ep: int, tp: bool):
         recv = all_to_all(buf_ECD, ep, cfg.a2a_hierarchy)       # [src, E_local] x C
     recv = recv.reshape(ep, e_local, c, d).swapaxes(0, 1).reshape(e_local, ep * c, d)
     with jax.named_scope("local_experts"):
-        y = experts.batched_mlp(recv, w, cfg.activation)
-        if tp:
-            # Partial sums over the F shards (also marks y invariant over `tensor`).
-            y = lax.psum(y, "tensor")
+        if tp and cfg.collective_matmul and lax.axis_size("tensor") > 1:
+            y = _tensor_parallel_mlp_ring(recv, w, cfg)
+        else:
+            y = experts.batched_mlp(recv, w, cfg.activation)
+            if tp:
+                # Partial sums over the F shards (also marks y invariant over `tensor`).
+                y = lax.psum(y, "tensor")
     y = y.reshape(e_local, ep, c, d).swapaxes(0, 1).reshape(e, c, d)
     with jax.named_scope("all_to_all_combine"):
         return all_to_all(y, ep, cfg.a2a_hierarchy)
+
+
+def _tensor_parallel_mlp_ring(x_ECD, w, cfg: MoEConfig):
+    """Expert MLP with F sharded over `tensor`; the down projection's sum over
+    F shards runs as a ppermute ring overlapped with its matmul, then the row
+    blocks are all-gathered (psum = reduce-scatter + all-gather)."""
+    tp = lax.axis_size("tensor")
+    c = x_ECD.shape[1]
+    pad = (-c) % tp
+    h_ECF = experts.batched_hidden(x_ECD, w, cfg.activation)
+    if pad:
+        h_ECF = jnp.pad(h_ECF, ((0, 0), (0, pad), (0, 0)))
+    w_down = w["w_down_EFD"].astype(h_ECF.dtype)
+    y_blk = jax.vmap(lambda h, wd: collective_matmul.matmul_reduce_scatter(h, wd, "tensor"))(
+        h_ECF, w_down)
+    y = lax.all_gather(y_blk, "tensor", axis=1, tiled=True, to="invarying")
+    return y[:, :c]
 
 
 def check_ep(cfg: MoEConfig, mesh, num_tokens: int) -> None:

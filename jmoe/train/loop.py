@@ -237,19 +237,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
             s, m = pending
             pending = None
             m = jax.device_get(m)
-            if not math.isfinite(float(m["loss"])):
-                raise NonFiniteLoss(
-                    f"loss is {float(m['loss'])} at step {s}: stopping; the last good "
-                    f"checkpoint (step {mgr.latest_step()}) in {mgr.directory} is untouched.")
+            for key in ("loss", "grad_norm"):  # a NaN gradient poisons the next state
+                if not math.isfinite(float(m[key])):
+                    raise NonFiniteLoss(
+                        f"{key} is {float(m[key])} at step {s}: stopping; the last good "
+                        f"checkpoint (step {mgr.latest_step()}) in {mgr.directory} is "
+                        "untouched.")
             rep.add(s, m)
             if first:  # the first step includes compilation: keep it out of tok/s
                 first = False
-                rep.window = []
+                rep.flush(s, timed=False)
                 rep.reset_clock(s)
-            if s % config.log_every == 0:
+            elif s % config.log_every == 0:
                 rep.flush(s)
 
         try:
+            if step >= config.total_steps:  # rerun of a finished run: report, don't train
+                val_loss = evaluate(step)
             while step < config.total_steps:
                 batch_BT1 = data.to_global(next(train_it), batch_sharding, batch)
                 state, m = train_fn(state, batch_BT1)

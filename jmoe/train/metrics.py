@@ -102,8 +102,11 @@ class Reporter:
         if self.enabled:
             self.progress.update(self.task, completed=step)
 
-    def flush(self, step: int) -> dict:
-        """Averages and writes the window ending at `step`; returns the means."""
+    def flush(self, step: int, timed: bool = True) -> dict:
+        """Averages and writes the window ending at `step`; returns the means.
+
+        `timed=False` leaves out tokens/s and MFU (a window that compiled).
+        """
         if not self.window:
             return {}
         dt = max(time.perf_counter() - self.window_t0, 1e-9)
@@ -111,19 +114,22 @@ class Reporter:
         mean = {k: np.mean(np.stack([np.asarray(m[k], np.float64) for m in self.window]), 0)
                 for k in self.window[0]}
         self.window = []
-        tps = nsteps * self.tokens_per_step / dt
-        mfu = nsteps * self.flops_per_step / dt / self.peak_flops
-        mean.update(tokens_per_s=tps, mfu=mfu, step_time_s=dt / nsteps)
+        speed = ""
+        if timed:
+            tps = nsteps * self.tokens_per_step / dt
+            mfu = nsteps * self.flops_per_step / dt / self.peak_flops
+            mean.update(tokens_per_s=tps, mfu=mfu, step_time_s=dt / nsteps)
+            speed = f"  {tps:,.0f} tok/s  MFU {100 * mfu:.1f}%"
         self.last = mean
         self.window_t0, self.window_step0 = time.perf_counter(), step
         if not self.enabled:
             return mean
         self._write(step, mean, prefix="train")
-        self.progress.update(self.task, loss=f"{mean['loss']:.3f}", tps=f"{tps:,.0f}",
-                             mfu=f"{100 * mfu:.1f}%")
+        if timed:
+            self.progress.update(self.task, tps=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
+        self.progress.update(self.task, loss=f"{mean['loss']:.3f}")
         line = (f"step {step:>6d}  loss {mean['loss']:.4f}  ce {mean['ce']:.4f}  "
-                f"lr {mean['lr']:.2e}  |g| {mean['grad_norm']:.3f}  {tps:,.0f} tok/s  "
-                f"MFU {100 * mfu:.1f}%")
+                f"lr {mean['lr']:.2e}  |g| {mean['grad_norm']:.3f}{speed}")
         if "expert_load" in mean:
             imb = float(np.max(mean["expert_load"]) * mean["expert_load"].shape[-1])
             line += (f"  lb {_scalar(mean['load_balance_loss']):.3f}  "

@@ -147,7 +147,7 @@ def train_step(state: TrainState, batch_BT1: jax.Array, *, graphdef: nnx.GraphDe
     if aux is not None and scfg.update_router_bias:
         buffers = _update_router_biases(graphdef, params, buffers, aux, scfg.bias_update_rate)
 
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     if aux is not None:
         metrics.update(expert_load=aux.expert_load, dropped_fraction=aux.dropped_fraction,
                        router_entropy=aux.router_entropy)

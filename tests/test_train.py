@@ -1,0 +1,240 @@
+"""The trainer end to end: learning, resume after SIGKILL, mesh change, NaN, CLI.
+
+One tiny reference run (module fixture, mesh data=1 x expert=8) serves most
+tests; the SIGKILL test replays it in a subprocess and must match it bit for
+bit.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmoe import routing
+from jmoe.train import checkpoint, loop, mesh as mesh_lib, step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 6  # checkpoint interval; the reference run trains 2N steps
+
+TINY = {
+    "model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2, "model.num_experts": 8,
+    "model.top_k": 2, "model.d_ff": 32, "model.group_align": 8,
+    "data.seq_len": 32, "batch_size": 16, "total_steps": 2 * N,
+    "opt.lr": 1e-2, "opt.warmup_steps": 2, "opt.schedule_steps": 2 * N,
+    "eval_every": 2 * N, "eval_batches": 2, "log_every": 1, "checkpoint_every": N,
+    "keep_checkpoints": 5, "mesh.data": 1, "mesh.expert": 8,
+}
+
+
+def load_config(arg=None):
+    spec = importlib.util.spec_from_file_location("gpt_moe", os.path.join(ROOT, "configs",
+                                                                          "gpt_moe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def tiny_config(**overrides):
+    config = load_config()
+    for key, value in {**TINY, **overrides}.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def cli_args(**overrides):
+    return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
+
+
+def subprocess_env():
+    env = dict(os.environ)
+    # Same numerics as this process (tests/conftest.py sets these in-process).
+    env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def train_losses(workdir):
+    """{step: loss} of every logged step; a resumed run's records win."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["split"] == "train":
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def restore_state(workdir, config, step):
+    gpt = loop.validate_config(config)
+    tx = step_lib.make_optimizer(config.opt, config.total_steps)
+    abstract = jax.eval_shape(step_lib.make_init(gpt, tx, config.seed))
+    mgr = checkpoint.manager(workdir, every=1, keep=10, read_only=True)
+    _, state, data_state = checkpoint.restore(mgr, abstract, step)
+    mgr.close()
+    return state, data_state
+
+
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ref"))
+    summary = loop.run(tiny_config(), workdir)
+    return workdir, summary
+
+
+def test_tiny_run_learns_evaluates_and_reports(ref_run):
+    workdir, summary = ref_run
+    losses = train_losses(workdir)
+    assert sorted(losses) == list(range(1, 2 * N + 1))
+    assert losses[2 * N] < losses[1] - 0.5, losses
+    assert np.isfinite(summary["val_loss"]) and summary["val_loss"] < losses[1]
+    assert summary["step"] == 2 * N
+    recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    last = [r for r in recs if r["split"] == "train"][-1]
+    assert np.array(last["expert_load"]).shape == (2, 8)  # [MoE layers, experts]
+    for key in ("lr", "grad_norm", "load_balance_loss", "z_loss", "dropped_fraction",
+                "router_entropy", "tokens_per_s", "mfu"):
+        assert key in last
+    assert any(r["split"] == "val" for r in recs)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+    assert json.load(open(os.path.join(workdir, "summary.json")))["step"] == 2 * N
+    # Checkpoints at N and 2N hold the data position and the config.
+    state, data_state = restore_state(workdir, tiny_config(), N)
+    assert int(state.step) == N and data_state == {"next_index": N}
+    assert checkpoint.restore_config(workdir)[1].model.d_model == 32
+
+
+def test_plot_and_sample(ref_run, capsys):
+    from jmoe import plot
+    from jmoe.train import sample
+
+    workdir, _ = ref_run
+    out = os.path.join(workdir, "plots")
+    assert plot.main([workdir, "--out", out]) == 0
+    for name in ("loss.png", "optim.png", "moe.png", "expert_load.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000
+    model, config, step = sample.load(workdir)
+    assert step == 2 * N
+    a = sample.generate(model, np.frombuffer(b"def ", np.uint8), length=12, seq_len=32, seed=1)
+    b = sample.generate(model, np.frombuffer(b"def ", np.uint8), length=12, seq_len=32, seed=1)
+    assert a.shape == (12,) and np.array_equal(a, b) and a.max() < 256
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_identical(ref_run, tmp_path):
+    ref_dir, _ = ref_run
+    workdir = str(tmp_path / "killed")
+    # Far more steps than needed (same schedule), so the kill lands mid-run.
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+           os.path.join(ROOT, "configs", "gpt_moe.py"), "--workdir", workdir]
+    proc = subprocess.Popen(cmd + cli_args(total_steps=1000, checkpoint_every=N),
+                            env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+    committed = os.path.join(workdir, "checkpoints", str(N))
+    deadline = time.time() + 300
+    while not os.path.isdir(committed) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate()[0].decode()
+    assert proc.returncode == -signal.SIGKILL, out
+    assert os.path.isdir(committed), out
+
+    # The same command (with the reference's length) resumes from the latest checkpoint.
+    res = subprocess.run(cmd + cli_args(), env=subprocess_env(), capture_output=True,
+                         text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resumed from" in res.stdout
+    ref, got = train_losses(ref_dir), train_losses(workdir)
+    assert [got[s] for s in range(1, 2 * N + 1)] == [ref[s] for s in range(1, 2 * N + 1)]
+    config = tiny_config()
+    a, da = restore_state(ref_dir, config, 2 * N)
+    b, db = restore_state(workdir, config, 2 * N)
+    assert da == db == {"next_index": 2 * N}  # no batch repeated or skipped
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.slow
+def test_restore_on_another_mesh_gives_the_same_eval(ref_run, tmp_path):
+    ref_dir, summary = ref_run
+    workdir = str(tmp_path / "moved")
+    shutil.copytree(ref_dir, workdir)
+    # Saved on (data=1, expert=8); restored on (2, 4): a finished run only evaluates.
+    moved = loop.run(tiny_config(**{"mesh.data": 2, "mesh.expert": 4}), workdir)
+    assert moved["step"] == 2 * N
+    np.testing.assert_allclose(moved["val_loss"], summary["val_loss"], rtol=1e-5)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(**{"model.num_layers": 1, "opt.lr": 1e30, "opt.warmup_steps": 0,
+                            "opt.grad_clip": 0.0, "checkpoint_every": 1,
+                            "total_steps": 20, "mesh.data": -1, "mesh.expert": 1})
+    with pytest.raises(loop.NonFiniteLoss, match=r"at step (\d+)") as err:
+        loop.run(config, str(tmp_path))
+    bad = int(err.value.args[0].split("at step ")[1].split(":")[0])
+    mgr = checkpoint.manager(str(tmp_path), every=1, keep=5, read_only=True)
+    assert mgr.latest_step() is not None and mgr.latest_step() < bad
+    mgr.close()
+
+
+def test_grad_accumulation_and_router_bias_update():
+    config = tiny_config(**{"model.router": "sigmoid_topk", "model.bias_update_rate": 0.1,
+                            "loss.load_balance_weight": 0.0, "loss.z_loss_weight": 0.0,
+                            "mesh.data": -1, "mesh.expert": 1})
+    gpt = loop.validate_config(config)
+    mesh = mesh_lib.make_mesh(-1, 1)
+    tx = step_lib.make_optimizer(config.opt, config.total_steps)
+    sched = step_lib.make_schedule(config.opt, config.total_steps)
+    init = step_lib.make_init(gpt, tx, 0)
+    shard = mesh_lib.state_shardings(mesh, jax.eval_shape(init))
+    bsh = mesh_lib.batch_sharding(mesh)
+    graphdef = step_lib.graphdef_of(gpt)
+    batch = jax.device_put(np.random.default_rng(0).integers(0, 256, (16, 33), np.int32), bsh)
+    out = {}
+    with jax.set_mesh(mesh):
+        for a in (1, 2):
+            scfg = dataclasses.replace(step_lib.step_config(config), grad_accum_steps=a)
+            train, _ = step_lib.jit_steps(mesh, shard, bsh, graphdef, tx, sched, scfg)
+            state = jax.jit(init, out_shardings=shard)()
+            out[a] = train(state, batch)
+    (s1, m1), (s2, m2) = out[1], out[2]
+    np.testing.assert_allclose(m1["ce"], m2["ce"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                 s1.params, s2.params)
+    # Aux-loss-free balancing: the biases moved, by the rule, outside the optimizer.
+    biases = [v for v in jax.tree.leaves(s1.buffers)]
+    assert len(biases) == 2 and all(np.abs(b).max() > 0 for b in biases)
+    np.testing.assert_allclose(biases[0], routing.update_bias(
+        jnp.zeros(8), m1["expert_load"][0], 0.1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.model.d_modle=3"], "d_modle"),
+    (["--config.data.source=text", "--config.data.path=/no/such/dir"], "config.data.path"),
+    (["--config.model.top_k=99"], "top_k"),
+    (["--config.batch_size=12", "--config.mesh.data=8"], "config.batch_size"),
+])
+def test_cli_errors_exit_nonzero_with_one_clear_line(tmp_path, args, needle):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+           os.path.join(ROOT, "configs", "gpt_moe.py"), "--workdir", str(tmp_path)]
+    res = subprocess.run(cmd + args, env=subprocess_env(), capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode != 0
+    lines = [l for l in res.stderr.splitlines() if needle in l]
+    assert lines, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
