@@ -125,7 +125,11 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write results to this path")
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="default: float32 on CPU, bfloat16 on GPU (where "
+                    "fp32 Pallas dots run at full IEEE precision, no TF32)")
+    ap.add_argument("--shape", default=None, metavar="M,K,N,G",
+                    help="override the problem size, e.g. 32768,4096,14336,8")
     ap.add_argument("--skip-ragged", action="store_true",
                     help="leave out lax.ragged_dot (slow on CPU)")
     a = ap.parse_args()
@@ -134,10 +138,12 @@ def main() -> None:
         m, k, n, g = 1024, 128, 256, 4
     else:
         m, k, n, g = 8192, 512, 2048, 8
+    if a.shape:
+        m, k, n, g = (int(v) for v in a.shape.split(","))
     repeats = a.repeats or (3 if a.quick else 7)
     on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
     backends = ["xla", "pallas"] if on_gpu else ["xla"]
-    dtype = jnp.dtype(a.dtype)
+    dtype = jnp.dtype(a.dtype or ("bfloat16" if on_gpu else "float32"))
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)

@@ -1,5 +1,7 @@
 """Chunked all-to-all / expert overlap is math-identical and structurally independent."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +173,42 @@ def test_collective_matmul_layer_equals_plain(tensor):
         b = np.asarray(b)
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5,
                                    atol=1e-5 * float(np.max(np.abs(b)) if b.size else 0) + 1e-7)
+
+
+def test_gpu_flags_are_filtered_to_what_jaxlib_knows(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from jmoe.sharding import xla_flags
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ok = xla_flags.supported_flags(["--xla_gpu_enable_latency_hiding_scheduler=true",
+                                    "--xla_gpu_enable_this_flag_does_not_exist=true"])
+    assert ok == ["--xla_gpu_enable_latency_hiding_scheduler=true"]
+    # The full set, applied, starts JAX cleanly (no abort on a stale name).
+    code = ("import os; from jmoe.sharding import xla_flags; "
+            "added = xla_flags.configure_gpu_overlap(force=True); "
+            "import jax; jax.devices(); print(len(added))")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.strip()) >= 1
+    # Not on a CPU-only machine unless forced.
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert xla_flags.configure_gpu_overlap() == []
+
+
+def test_overlap_report_reads_async_pairs():
+    from jmoe.sharding import xla_flags
+
+    hlo = """
+      %a2a-start = (f32[8]) all-to-all-start(f32[8] %p0), replica_groups={}
+      %fusion.1 = f32[8] fusion(f32[8] %p1), kind=kLoop
+      %a2a-done = f32[8] all-to-all-done((f32[8]) %a2a-start)
+      %a2a-start.2 = (f32[8]) all-to-all-start(f32[8] %p0)
+      %a2a-done.2 = f32[8] all-to-all-done((f32[8]) %a2a-start.2)
+      %sync = f32[8] all-to-all(f32[8] %p2)
+    """
+    assert xla_flags.overlap_report(hlo) == {"all_to_all": 1, "async_pairs": 2,
+                                             "compute_between": 1}
