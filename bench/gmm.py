@@ -2,6 +2,7 @@
 
     python bench/gmm.py --json bench/results/gmm.json     # full (CPU: ~2 min)
     python bench/gmm.py --quick                           # smoke run
+    python bench/gmm.py --cases unaligned --skip-ragged   # groups not padded
 
 Shape (full run): M=8192 rows, K=512, N=2048, G=8 groups, fp32, two group-size
 cases: balanced (M/G rows each) and skewed (Zipf-like, each group a multiple of
@@ -130,6 +131,9 @@ def main() -> None:
                     "fp32 Pallas dots run at full IEEE precision, no TF32)")
     ap.add_argument("--shape", default=None, metavar="M,K,N,G",
                     help="override the problem size, e.g. 32768,4096,14336,8")
+    ap.add_argument("--cases", default="balanced,skewed",
+                    help="comma list of balanced, skewed (Zipf, groups padded "
+                    "to 128 rows), unaligned (Zipf, no padding)")
     ap.add_argument("--skip-ragged", action="store_true",
                     help="leave out lax.ragged_dot (slow on CPU)")
     a = ap.parse_args()
@@ -151,7 +155,9 @@ def main() -> None:
     dy = jnp.asarray(rng.standard_normal((m, n)), dtype)
     flops_fwd = 2.0 * m * k * n
 
-    cases = {"balanced": balanced_sizes(m, g), "skewed": skewed_sizes(m, g)}
+    all_cases = {"balanced": balanced_sizes(m, g), "skewed": skewed_sizes(m, g),
+                 "unaligned": skewed_sizes(m, g, align=1)}
+    cases = {c: all_cases[c] for c in a.cases.split(",")}
     rows, lines = [], []
     header = (f"{'case':9} {'pass':8} {'variant':16} {'median ms':>10} "
               f"{'x limit':>8} {'cpu x':>8}")

@@ -130,9 +130,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.async_checkpointing = True
     c.max_time_s = 0.0  # stop (with a checkpoint) after this much training time; 0: off
 
-    # Mesh sizes; -1 takes the remaining devices. Tokens are sharded over
-    # ('data', 'expert'), expert weights over 'expert'.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))
+    # Mesh sizes; one may be -1 (the remaining devices). Tokens are sharded
+    # over ('data', 'expert'), expert weights over 'expert' (E) and 'tensor' (F).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, tensor=1))
 
     if variant == "small":
         c.model.update(d_model=512, num_layers=8, num_heads=8, num_experts=16, top_k=2,

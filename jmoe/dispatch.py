@@ -63,13 +63,38 @@ def _rank_within_expert(expert_A: jax.Array, order_A: jax.Array, num_experts: in
     return rank_A, perm_A, counts_E, starts_E
 
 
+def _packed(expert_A, rank_A, perm_A, starts_E, kept_E, keep_A, group_align, num_rows):
+    """Kept assignments sorted by expert, each expert's rows padded to
+    `group_align`; returns (slot_A, src_R, padded_E)."""
+    num_a = expert_A.shape[0]
+    num_experts = kept_E.shape[0]
+    padded_E = -(-kept_E // group_align) * group_align
+    pstart_E = jnp.cumsum(padded_E) - padded_E
+    slot_A = jnp.where(keep_A, pstart_E[expert_A] + rank_A, num_rows)
+    r = jnp.arange(num_rows, dtype=jnp.int32)
+    # Expert owning row r: the first expert whose padded block ends after r.
+    e_R = jnp.clip(jnp.searchsorted(pstart_E + padded_E, r, side="right"), 0, num_experts - 1)
+    c_R = r - pstart_E[e_R]
+    # The kept assignments of an expert are the first ones in its priority order.
+    filled_R = (c_R < kept_E[e_R]) & (r < jnp.sum(padded_E))
+    src_R = jnp.where(filled_R, perm_A[jnp.clip(starts_E[e_R] + c_R, 0, num_a - 1)], num_a)
+    return slot_A, src_R, padded_E
+
+
 def capacity_plan(experts_TK: jax.Array, weights_TK: jax.Array, num_experts: int,
-                  capacity: int, drop_policy: str = "position") -> Plan:
-    """Fixed `[E, C]` slots; overflowing assignments are dropped by `drop_policy`.
+                  capacity: int, drop_policy: str = "position",
+                  packed_align: int = 0) -> Plan:
+    """At most `capacity` assignments per expert; the rest are dropped by `drop_policy`.
 
     `position`: all top-1 choices beat all top-2 choices, then earlier tokens
     win (GShard). `probability`: higher combine weight wins, ties by position
     (batch-prioritised routing, V-MoE).
+
+    Layout: `packed_align = 0` gives fixed `[E, C]` slots (R = E*C, what the
+    expert-parallel all-to-all exchanges). `packed_align = a > 0` packs the
+    kept rows by expert, each expert padded to a multiple of `a`, for a
+    grouped matmul that never computes empty slots; the same assignments are
+    kept and dropped either way.
     """
     t, k = experts_TK.shape
     num_a = t * k
@@ -84,17 +109,24 @@ def capacity_plan(experts_TK: jax.Array, weights_TK: jax.Array, num_experts: int
     else:
         raise ValueError(f"drop_policy={drop_policy!r} is unknown; use 'position' or 'probability'.")
     rank_A, perm_A, counts_E, starts_E = _rank_within_expert(expert_A, order_A, num_experts)
-    num_rows = num_experts * capacity
     keep_A = rank_A < capacity
+    kept_E = jnp.minimum(counts_E, capacity)
+    dropped = (num_a - jnp.sum(kept_E)).astype(jnp.int32)
+    if packed_align:
+        num_rows = dropless_rows(min(num_a, num_experts * capacity), num_experts, packed_align)
+        slot_A, src_R, padded_E = _packed(expert_A, rank_A, perm_A, starts_E, kept_E, keep_A,
+                                          packed_align, num_rows)
+        return Plan(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32),
+                    padded_E.astype(jnp.int32), kept_E, dropped)
+    num_rows = num_experts * capacity
     slot_A = jnp.where(keep_A, expert_A * capacity + rank_A, num_rows)
     # Row r = e*C + c holds the c-th assignment of expert e, if it has one.
     e_R = jnp.arange(num_rows, dtype=jnp.int32) // capacity
     c_R = jnp.arange(num_rows, dtype=jnp.int32) % capacity
     filled_R = c_R < counts_E[e_R]
     src_R = jnp.where(filled_R, perm_A[jnp.minimum(starts_E[e_R] + c_R, num_a - 1)], num_a)
-    kept_E = jnp.minimum(counts_E, capacity)
     return Plan(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32), kept_E,
-                kept_E, (num_a - jnp.sum(kept_E)).astype(jnp.int32))
+                kept_E, dropped)
 
 
 def dropless_rows(num_assignments: int, num_experts: int, group_align: int) -> int:
@@ -112,16 +144,9 @@ def dropless_plan(experts_TK: jax.Array, num_experts: int, group_align: int = 1)
     expert_A = experts_TK.reshape(-1)
     rank_A, perm_A, counts_E, starts_E = _rank_within_expert(
         expert_A, jnp.arange(num_a, dtype=jnp.int32), num_experts)
-    padded_E = -(-counts_E // group_align) * group_align
-    pstart_E = jnp.cumsum(padded_E) - padded_E
-    slot_A = pstart_E[expert_A] + rank_A
     num_rows = dropless_rows(num_a, num_experts, group_align)
-    r = jnp.arange(num_rows, dtype=jnp.int32)
-    # Expert owning row r: the last expert whose padded block starts at or before r.
-    e_R = jnp.clip(jnp.searchsorted(pstart_E + padded_E, r, side="right"), 0, num_experts - 1)
-    c_R = r - pstart_E[e_R]
-    filled_R = (c_R < counts_E[e_R]) & (r < jnp.sum(padded_E))
-    src_R = jnp.where(filled_R, perm_A[jnp.clip(starts_E[e_R] + c_R, 0, num_a - 1)], num_a)
+    slot_A, src_R, padded_E = _packed(expert_A, rank_A, perm_A, starts_E, counts_E,
+                                      jnp.ones((num_a,), bool), group_align, num_rows)
     return Plan(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32),
                 padded_E.astype(jnp.int32), counts_E, jnp.zeros((), jnp.int32))
 

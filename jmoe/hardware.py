@@ -171,91 +171,149 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
-def calibrate_cpu(num_devices: int = 8, budget_s: float = 20.0) -> dict:
-    """Measures this machine through `num_devices` virtual CPU devices at once.
+class CpuCalibrator:
+    """Compiled micro-benchmarks of this machine on `num_devices` virtual CPU
+    devices running at once (they share the host's cores, exactly as in a
+    multi-device CPU run). `time_once()` times each case once; `measure`
+    takes medians. Benchmarks interleave `time_once()` with their own
+    timings so that both see the same load on a shared machine.
 
-    Returns per-device rates as seen while all devices run together (they
-    share the host's cores, exactly as in a multi-device CPU run):
+    Each case loops its kernel inside one jitted call (a loop-carried
+    dependency keeps XLA from hoisting it) for about `target_s` seconds: a
+    short burst gets more than its share of a busy machine's cores from the
+    OS scheduler, so only runs as long as real work measure what real work
+    gets.
+
+    Per-device quantities (see `rates`):
       mm_flops   FLOP/s of matmuls, forward + both backward products (`vjp`)
       mem_bw     bytes/s of a streaming elementwise kernel (read + write)
       gather_bw  bytes/s of a row gather x[idx] (read + write)
       a2a_alpha  seconds per all-to-all call (fixed part)
-      a2a_bw     bytes/s per device of an all-to-all (whole buffer)
+      a2a_bw     bytes/s per device of an all-to-all (bytes leaving the device)
       launch     seconds per jitted call of a trivial program on all devices
-    Each number is a median of repeats; the whole run stays near `budget_s`.
-    Needs `jax` with at least `num_devices` CPU devices in this process.
     """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-    devices = jax.devices("cpu")
-    if len(devices) < num_devices:
-        raise ValueError(
-            f"calibrating cpu-local needs {num_devices} CPU devices but this process has "
-            f"{len(devices)}: set XLA_FLAGS=--xla_force_host_platform_device_count="
-            f"{num_devices} before importing jax (or call cpu_local()).")
-    mesh = jax.sharding.Mesh(np.asarray(devices[:num_devices]), ("x",),
-                             axis_types=(AxisType.Explicit,))
-    spec = NamedSharding(mesh, P("x"))
-    t_start = time.perf_counter()
-    per_test = budget_s / 6
+    MM = (1024, 256, 512)  # m, k, n of the calibration matmul
+    ELEMS = 1 << 20
+    GATHER = (4096, 256)
+    A2A_ROWS = 2048
 
-    def put(shape, seed):
-        return jax.device_put(
-            jax.random.normal(jax.random.key(seed), (num_devices * shape[0],) + shape[1:]), spec)
+    def __init__(self, num_devices: int = 8, target_s: float = 0.1):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax import lax
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-    def sm(f, nargs):
-        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("x"),) * nargs,
-                                     out_specs=P("x")))
+        devices = jax.devices("cpu")
+        if len(devices) < num_devices:
+            raise ValueError(
+                f"calibrating cpu-local needs {num_devices} CPU devices but this process has "
+                f"{len(devices)}: set XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{num_devices} before importing jax (or call cpu_local()).")
+        self.jax = jax
+        self.n = num_devices
+        mesh = jax.sharding.Mesh(np.asarray(devices[:num_devices]), ("x",),
+                                 axis_types=(AxisType.Explicit,))
+        spec = NamedSharding(mesh, P("x"))
 
-    def timed(fn, args):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))  # compile + warm up
-        first = time.perf_counter() - t0
-        reps = int(max(3, min(15, (per_test - first) / max(first, 1e-4))))
-        ts = []
-        for _ in range(reps):
+        def put(shape, seed):
+            return jax.device_put(jax.random.normal(
+                jax.random.key(seed), (num_devices * shape[0],) + shape[1:]), spec)
+
+        def looped(body, nargs):
+            """jit(shard_map(args -> fori_loop(body) over `reps`)), reps traced."""
+            def f(reps, *args):
+                return lax.fori_loop(0, reps[0], lambda i, c: body(*c), args)
+            return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(),) + (P("x"),) * nargs,
+                                         out_specs=(P("x"),) * nargs))
+
+        def mm_step(x, w, dy):
+            y, vjp = jax.vjp(lambda a, b: a @ b, x, w)
+            dx, dw = vjp(dy)
+            # Carry the results so the next iteration depends on this one.
+            return x + 1e-6 * dx, w + 1e-6 * dw, dy + 1e-6 * y
+
+        m, k, n = self.MM
+        r, d = self.GATHER
+        idx = jax.device_put(jnp.tile(jax.random.permutation(jax.random.key(5), r)
+                                      .astype(jnp.int32), num_devices), spec)
+        a2a = lambda a: (lax.all_to_all(a, "x", 0, 0, tiled=True),)
+        self.cases = {
+            "launch": (looped(lambda a: (a + 1.0,), 1), (put((8,), 3),), 1),
+            "mm": (looped(mm_step, 3), (put((m, k), 0), put((k, n), 1), put((m, n), 2)), 0),
+            "mem": (looped(lambda a: (a * 0.999 + 1e-3,), 1), (put((self.ELEMS,), 4),), 0),
+            "gather": (looped(lambda a, i: (a[i], i), 2), (put((r, d), 6), idx), 0),
+            "a2a_small": (looped(a2a, 1), (put((num_devices, 8), 7),), 0),
+            "a2a_big": (looped(a2a, 1), (put((self.A2A_ROWS, 256), 8),), 0),
+        }
+        self.reps = {}
+        for name, (fn, args, fixed) in self.cases.items():
+            jax.block_until_ready(fn(np.ones((1,), np.int32), *args))  # compile
+            if fixed:
+                self.reps[name] = fixed
+                continue
+            reps = 2
+            while True:  # grow the loop until one call lasts about target_s
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(np.full((1,), reps, np.int32), *args))
+                dt = time.perf_counter() - t0
+                if dt >= target_s / 2 or reps >= 1 << 16:
+                    break
+                reps *= 4 if dt < target_s / 8 else 2
+            self.reps[name] = max(1, int(reps * target_s / max(dt, 1e-6)))
+
+    def time_once(self) -> dict:
+        """Seconds per loop iteration of each case (launch: per call)."""
+        import numpy as np
+
+        out = {}
+        for name, (fn, args, _) in self.cases.items():
+            reps = self.reps[name]
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            ts.append(time.perf_counter() - t0)
-        return _median(ts)
+            self.jax.block_until_ready(fn(np.full((1,), reps, np.int32), *args))
+            out[name] = (time.perf_counter() - t0) / reps
+        launch = out["launch"]
+        for name in out:
+            if name != "launch":
+                out[name] = max(out[name] - launch / self.reps[name], 1e-9)
+        return out
 
-    out = {"num_devices": num_devices}
-    # Matmul forward + backward: y = x @ w; dx = dy @ w.T; dw = x.T @ dy.
-    m, k, n = 1024, 256, 512
-    x, w, dy = put((m, k), 0), put((k, n), 1), put((m, n), 2)
+    def rates(self, secs: dict) -> dict:
+        """Per-device rates from (median) seconds per case."""
+        m, k, n = self.MM
+        r, d = self.GATHER
+        rows = self.A2A_ROWS
+        off_device = 4 * rows * 256 * (self.n - 1) / self.n
+        return {
+            "num_devices": self.n,
+            "mm_flops": 3 * 2 * m * k * n / secs["mm"],
+            "mem_bw": 8 * self.ELEMS / secs["mem"],
+            "gather_bw": 2 * 4 * r * d / secs["gather"],
+            "a2a_alpha": secs["a2a_small"],
+            "a2a_bw": off_device / max(secs["a2a_big"] - secs["a2a_small"], 1e-9),
+            "launch": secs["launch"],
+        }
 
-    def mm_fwd_bwd(x, w, dy):
-        y, vjp = jax.vjp(lambda a, b: a @ b, x, w)
-        dx, dw = vjp(dy)
-        return y + 0 * dy, dx, dw
+    def measure(self, repeats: int) -> dict:
+        samples = [self.time_once() for _ in range(repeats)]
+        return self.rates({k: _median([s[k] for s in samples]) for k in samples[0]})
 
-    mm = jax.jit(jax.shard_map(mm_fwd_bwd, mesh=mesh, in_specs=(P("x"),) * 3,
-                               out_specs=(P("x"),) * 3))
-    launch = timed(sm(lambda a: a + 1.0, 1), (put((8,), 3),))
-    t = timed(mm, (x, w, dy))
-    out["mm_flops"] = 3 * 2 * m * k * n / max(t - launch, 1e-9)
-    # Streaming elementwise: 4 bytes read + 4 written per element.
-    e = 1 << 20
-    t = timed(sm(lambda a: a * 1.5 + 1.0, 1), (put((e,), 4),))
-    out["mem_bw"] = 8 * e / max(t - launch, 1e-9)
-    # Row gather of a [R, D] buffer by a permutation.
-    r, d = 4096, 256
-    idx = jax.device_put(jnp.tile(jax.random.permutation(jax.random.key(5), r)
-                                  .astype(jnp.int32), num_devices), spec)
-    t = timed(sm(lambda a, i: a[i], 2), (put((r, d), 6), idx))
-    out["gather_bw"] = 2 * 4 * r * d / max(t - launch, 1e-9)
-    # All-to-all: a small call for the fixed cost, a 2 MB one for bandwidth.
-    a2a = sm(lambda a: jax.lax.all_to_all(a, "x", 0, 0, tiled=True), 1)
-    t_small = timed(a2a, (put((num_devices, 8), 7),))
-    rows = 2048
-    t_big = timed(a2a, (put((rows, 256), 8),))
-    out["a2a_alpha"] = max(t_small - launch, 1e-6)
-    out["a2a_bw"] = 4 * rows * 256 / max(t_big - t_small, 1e-9)
-    out["launch"] = launch
-    out["seconds"] = time.perf_counter() - t_start
+
+def calibrate_cpu(num_devices: int = 8, budget_s: float = 20.0) -> dict:
+    """Measures this machine (see `CpuCalibrator`): medians of repeated
+    samples, compile included, within about `budget_s` seconds."""
+    t0 = time.perf_counter()
+    cal = CpuCalibrator(num_devices)
+    t1 = time.perf_counter()
+    one = cal.time_once()
+    per = sum(one.values())
+    left = budget_s - (time.perf_counter() - t0)
+    reps = int(max(3, min(15, left / max(per, 1e-4))))
+    out = cal.measure(reps)
+    out["seconds"] = time.perf_counter() - t0
+    out["compile_seconds"] = t1 - t0
+    out["repeats"] = reps
     return out
 
 
@@ -275,6 +333,7 @@ def cpu_profile_from(measured: dict) -> Hardware:
         peak_flops={"float32": measured["mm_flops"], "bfloat16": measured["mm_flops"],
                     "float16": measured["mm_flops"]},
         mem_bw=measured["mem_bw"], mem_bytes=64 * GB, devices_per_node=ndev,
+        # a2a_bw counts the bytes that leave a device, as the model's links do.
         intra_bw=measured["a2a_bw"], inter_bw=measured["a2a_bw"],
         intra_alpha=measured["a2a_alpha"], intra_peer=0.0,
         inter_alpha=measured["a2a_alpha"], inter_peer=0.0,

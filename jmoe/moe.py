@@ -162,7 +162,8 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
 
     The expert step is pluggable so the same code runs on one device and
     inside the expert-parallel `shard_map` (where it includes the all-to-alls):
-      capacity_experts(buf_ECD) -> y_ECD;
+      capacity_experts(buf_ECD) -> y_ECD, or None to run capacity routing on
+        packed rows through `dropless_experts` (one device: no empty slots);
       dropless_experts(buf_RD, group_sizes_E) -> (y_RD, extra_dropped).
     Returns (out_TD, router_sums, dropped assignment count).
     """
@@ -179,20 +180,24 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
                                                     r.tokens_EC, t)
         return out_TD, router_sums(r, cfg), untouched_tokens(r.tokens_EC, t)
     e = cfg.num_experts
+    # Capacity without an all-to-all (capacity_experts=None) packs the kept
+    # rows like dropless, so no expert computes empty slots.
+    packed = cfg.dispatch == "dropless" or capacity_experts is None
     with jax.named_scope("plan"):
         if cfg.dispatch == "capacity":
             plan = dispatch.capacity_plan(r.experts_TK, r.weights_TK, e, cfg.capacity(t),
-                                          cfg.drop_policy)
+                                          cfg.drop_policy, packed_align=dropless_align if packed else 0)
         else:
             plan = dispatch.dropless_plan(r.experts_TK, e, dropless_align)
     with jax.named_scope("permute"):
         buf_RD = dispatch.permute(x_TD, plan.slot_TK, plan.src_R)
     with jax.named_scope("experts"):
-        if cfg.dispatch == "capacity":
+        if not packed:
             y_RD = capacity_experts(buf_RD.reshape(e, -1, x_TD.shape[1])).reshape(buf_RD.shape)
             dropped = plan.dropped
         else:
-            y_RD, dropped = dropless_experts(buf_RD, plan.group_sizes_E)
+            y_RD, extra = dropless_experts(buf_RD, plan.group_sizes_E)
+            dropped = plan.dropped + extra
     with jax.named_scope("unpermute"):
         out_TD = dispatch.unpermute(y_RD, r.weights_TK, plan.slot_TK, plan.src_R)
     return out_TD, router_sums(r, cfg), dropped
@@ -201,8 +206,9 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
 def _local_moe(params: Params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, bias_E):
     """Single-device layer on flat tokens: [T, D] -> ([T, D], MoEAux)."""
     w = params["experts"]
-    out_TD, sums, dropped = moe_core(x_TD, xr_TD, params["router"]["w_DE"], cfg, bias_E,
-                                     local_experts_capacity(w, cfg),
+    # Expert choice fills exactly C slots per expert: the dense [E, C] layout.
+    cap = local_experts_capacity(w, cfg) if cfg.router == "expert_choice" else None
+    out_TD, sums, dropped = moe_core(x_TD, xr_TD, params["router"]["w_DE"], cfg, bias_E, cap,
                                      local_experts_dropless(w, cfg), cfg.group_align)
     return out_TD, finalize_stats(sums, cfg, dropped)
 

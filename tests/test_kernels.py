@@ -102,6 +102,9 @@ def check_gmm(backend, m, k, n, group_sizes, tiling, dtype=jnp.float32,
                                    transpose_rhs=transpose_rhs)
     assert out.shape == (m, n) and out.dtype == dtype
     assert dlhs.dtype == dtype and drhs.dtype == dtype
+    # Rows past sum(group_sizes) are exactly zero, and get exactly zero gradient.
+    used = min(sum(group_sizes), m)
+    assert not np.any(np.asarray(out[used:])) and not np.any(np.asarray(dlhs[used:]))
     # Reference from the same (rounded) inputs.
     lhs64, rhs64, dout64 = (np.asarray(a, np.float64) for a in (lhs, rhs, dout))
     _close(out, ref_gmm(lhs64, rhs64, group_sizes, transpose_rhs), dtype, "out")

@@ -195,7 +195,7 @@ def test_grad_accumulation_and_router_bias_update():
                             "loss.load_balance_weight": 0.0, "loss.z_loss_weight": 0.0,
                             "mesh.data": -1, "mesh.expert": 1})
     gpt = loop.validate_config(config)
-    mesh = mesh_lib.make_mesh(-1, 1)
+    mesh = mesh_lib.make_mesh(config.mesh)
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     sched = step_lib.make_schedule(config.opt, config.total_steps)
     init = step_lib.make_init(gpt, tx, 0)

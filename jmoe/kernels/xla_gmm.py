@@ -127,7 +127,11 @@ def gmm(
 
         return _walk_group(ladder, m, start_G[g], end_G[g], full, masked, out)
 
-    return lax.fori_loop(0, group_sizes_G.shape[0], group, out)
+    def group_if_rows(g, out):
+        # Empty groups (common with many experts) skip even the rhs[g] copy.
+        return lax.cond(end_G[g] > start_G[g], group, lambda g, out: out, g, out)
+
+    return lax.fori_loop(0, group_sizes_G.shape[0], group_if_rows, out)
 
 
 def tgmm(
@@ -179,4 +183,8 @@ def tgmm(
         return lax.dynamic_update_index_in_dim(
             out, acc.astype(out_dtype)[None], g, axis=0)
 
-    return lax.fori_loop(0, num_groups, group, out)
+    def group_if_rows(g, out):
+        # An empty group's gradient is the zeros `out` starts with.
+        return lax.cond(end_G[g] > start_G[g], group, lambda g, out: out, g, out)
+
+    return lax.fori_loop(0, num_groups, group_if_rows, out)

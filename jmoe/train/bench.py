@@ -36,7 +36,7 @@ def build(config):
     from jmoe.train import data, loop, mesh as mesh_lib, step as step_lib
 
     gpt = loop.validate_config(config)
-    mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.expert)
+    mesh = mesh_lib.make_mesh(config.mesh)
     loop.validate_mesh(config, gpt, mesh)
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     schedule = step_lib.make_schedule(config.opt, config.total_steps)

@@ -81,7 +81,7 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.GPTConfig:
 
 
 def validate_mesh(config, gpt: model_lib.GPTConfig, mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["expert"]
+    shards = mesh.shape["data"] * mesh.shape["expert"]  # the batch's row shards
     micro = config.batch_size // config.grad_accum_steps
     if micro % shards:
         _fail("batch_size", config.batch_size,
@@ -149,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
         gpt = validate_config(config)  # before any device work: errors come first
         if distributed:
             maybe_initialize_distributed()
-        mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.expert)
+        mesh = mesh_lib.make_mesh(config.mesh)
         validate_mesh(config, gpt, mesh)
         corpus = data.load_corpus(config.data, gpt.vocab_size)
     except ValueError as e:
@@ -272,8 +272,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
                 if last:
                     break
             drain()
+        except BaseException:
+            rep.close()
+            raise
         finally:
-            mgr.wait_until_finished()
+            mgr.wait_until_finished()  # a save in flight completes even when we stop
             mgr.close()
             preempt.restore()
             rep.flush(step)

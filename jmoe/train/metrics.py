@@ -103,6 +103,11 @@ class Reporter:
             self.progress.update(self.task, completed=step)
 
     def flush(self, step: int, timed: bool = True) -> dict:
+        if self.enabled and self.jsonl.closed:
+            return {}
+        return self._flush(step, timed)
+
+    def _flush(self, step: int, timed: bool) -> dict:
         """Averages and writes the window ending at `step`; returns the means.
 
         `timed=False` leaves out tokens/s and MFU (a window that compiled).
@@ -173,7 +178,7 @@ class Reporter:
                         self.tb.add_scalar(f"expert_load/{layer:02d}/{j:02d}", float(x), step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self.jsonl.closed:
             self.progress.stop()
             self.tb.close()
             self.jsonl.close()

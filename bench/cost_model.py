@@ -1,0 +1,161 @@
+"""Cost model check: predicted vs measured MoE-layer time on `cpu-local`.
+
+    python bench/cost_model.py --json bench/results/cost_model.json
+    python bench/cost_model.py --quick        # small shapes, a smoke test
+
+Each row runs `jmoe.moe_apply` on 8 virtual CPU devices under a mesh from
+`jmoe.sharding.make_mesh`, forward + backward as `jax.vjp` with a random
+cotangent and every weight passed as an argument of the jitted function, and
+compares its median time with `jmoe.cost_model.moe_layer_cost` on the
+`cpu-local` profile.
+
+The machine is shared and its load drifts, so the profile is re-measured
+*alongside* each row: every repeat times the calibration micro-benchmarks
+(`jmoe.hardware.CpuCalibrator`) and then the layer, and the row's
+prediction uses the medians of that row's calibration samples. The
+prediction never sees the layer's own timing. `predicted_start_s` is the
+same prediction from the one calibration at start, for comparison.
+
+Target (issue 7): |predicted / measured - 1| <= 30% on every row.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jmoe  # noqa: E402
+from jmoe import cost_model, hardware  # noqa: E402
+from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
+
+# (tokens, d_model, d_ff, experts, top_k, dispatch, overlap_chunks, data, expert)
+FULL_ROWS = [
+    (4096, 256, 512, 8, 2, "capacity", 1, 1, 8),
+    (4096, 256, 512, 8, 2, "capacity", 2, 1, 8),
+    (4096, 256, 512, 8, 2, "capacity", 4, 1, 8),
+    (8192, 256, 1024, 8, 2, "capacity", 1, 1, 8),
+    (8192, 256, 1024, 8, 2, "capacity", 4, 1, 8),
+    (8192, 512, 1024, 16, 2, "capacity", 1, 2, 4),
+    (8192, 512, 1024, 16, 2, "capacity", 2, 2, 4),
+    (2048, 128, 256, 8, 2, "dropless", 1, 1, 8),
+    (2048, 128, 256, 8, 2, "dropless", 2, 1, 8),
+    (4096, 256, 512, 8, 2, "dropless", 1, 2, 4),
+]
+QUICK_ROWS = [
+    (1024, 64, 128, 8, 2, "capacity", 1, 1, 8),
+    (1024, 64, 128, 8, 2, "capacity", 2, 1, 8),
+    (1024, 64, 128, 8, 2, "dropless", 1, 1, 8),
+]
+
+
+def layer_fn(cfg, mesh):
+    def run(ct, x, params):
+        y, vjp = jax.vjp(lambda x_, p_: jmoe.moe_apply(p_, x_, cfg, mesh=mesh)[0], x, params)
+        return y, vjp(ct)
+    return jax.jit(run)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=str, default=None, help="write the results here")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="small shapes, 3 repeats")
+    p.add_argument("--activation", default="swiglu")
+    a = p.parse_args(argv)
+    rows = QUICK_ROWS if a.quick else FULL_ROWS
+    repeats = 3 if a.quick else a.repeats
+
+    t0 = time.perf_counter()
+    cal = hardware.CpuCalibrator(8)
+    start = cal.measure(7)
+    hw_start = hardware.cpu_profile_from(start)
+    print(f"cpu-local at start ({time.perf_counter() - t0:.1f}s): "
+          f"{start['mm_flops'] / 1e9:.1f} GFLOP/s, mem {start['mem_bw'] / 1e9:.2f} GB/s, "
+          f"gather {start['gather_bw'] / 1e9:.2f} GB/s, a2a {start['a2a_bw'] / 1e9:.2f} GB/s "
+          f"+ {start['a2a_alpha'] * 1e3:.2f} ms, launch {start['launch'] * 1e3:.2f} ms "
+          "per device", flush=True)
+
+    results = []
+    for (t, d, f, e, k, disp, n, data, expert) in rows:
+        cfg = jmoe.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, dispatch=disp,
+                             overlap_chunks=n, activation=a.activation)
+        mesh = make_mesh(data=data, expert=expert)
+        tok = NamedSharding(mesh, P(("data", "expert"), None))
+        params = jax.device_put(jmoe.init_params(jax.random.key(0), cfg),
+                                moe_shardings(cfg, mesh))
+        x = jax.device_put(jax.random.normal(jax.random.key(1), (t, d)), tok)
+        ct = jax.device_put(jax.random.normal(jax.random.key(2), (t, d)), tok)
+        fn = layer_fn(cfg, mesh)
+        tc = time.perf_counter()
+        jax.block_until_ready(fn(ct, x, params))
+        compile_s = time.perf_counter() - tc
+        layer_s, cal_s = [], []
+        for _ in range(repeats):
+            cal_s.append(cal.time_once())
+            tl = time.perf_counter()
+            jax.block_until_ready(fn(ct, x, params))
+            layer_s.append(time.perf_counter() - tl)
+        med_cal = {key: float(np.median([c[key] for c in cal_s])) for key in cal_s[0]}
+        hw_row = hardware.cpu_profile_from(cal.rates(med_cal))
+        tokens_dev = t // (data * expert)
+
+        def predict(hw):
+            lc = cost_model.moe_layer_cost(cfg, tokens_dev, expert, hw, dtype="float32",
+                                           backend="cpu")
+            return lc.time + hw.launch_overhead, lc
+
+        pred, lc = predict(hw_row)
+        pred0, _ = predict(hw_start)
+        meas = float(np.median(layer_s))
+        row = {"tokens": t, "d_model": d, "d_ff": f, "experts": e, "top_k": k,
+               "dispatch": disp, "overlap_chunks": n, "mesh_data": data, "mesh_expert": expert,
+               "measured_s": meas, "measured_min_s": float(min(layer_s)),
+               "predicted_s": pred, "predicted_start_s": pred0, "ratio": pred / meas,
+               "error": pred / meas - 1.0, "compile_s": compile_s,
+               "breakdown_s": {o.name: o.total for o in lc.ops},
+               "calibration": cal.rates(med_cal)}
+        results.append(row)
+        print(f"T={t:5d} D={d:4d} F={f:4d} E={e:2d} {disp:8s} n={n} mesh={data}x{expert}: "
+              f"measured {meas * 1e3:8.1f} ms  predicted {pred * 1e3:8.1f} ms  "
+              f"ratio {pred / meas:5.2f}  (start-calibrated {pred0 / meas:5.2f})", flush=True)
+
+    print("\n| T | D | F | E | dispatch | chunks | mesh | measured ms | predicted ms | "
+          "pred/meas | within 30% |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ok = abs(r["error"]) <= 0.30
+        print(f"| {r['tokens']} | {r['d_model']} | {r['d_ff']} | {r['experts']} | "
+              f"{r['dispatch']} | {r['overlap_chunks']} | {r['mesh_data']}x{r['mesh_expert']} | "
+              f"{r['measured_s'] * 1e3:.1f} | {r['predicted_s'] * 1e3:.1f} | "
+              f"{r['ratio']:.2f} | {'yes' if ok else 'NO'} |")
+    worst = max(abs(r["error"]) for r in results)
+    n_ok = sum(abs(r["error"]) <= 0.30 for r in results)
+    print(f"\n{n_ok}/{len(results)} rows within 30%; worst |error| {worst:.0%}; "
+          f"total {time.perf_counter() - t0:.0f}s")
+    out = {"platform": jax.default_backend(), "jax": jax.__version__, "devices": 8,
+           "repeats": repeats, "calibration_at_start": start, "rows": results,
+           "rows_within_30pct": n_ok, "worst_abs_error": worst}
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)) or ".", exist_ok=True)
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+        print(f"wrote {a.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
