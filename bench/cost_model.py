@@ -75,8 +75,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="small shapes, 3 repeats")
     p.add_argument("--activation", default="swiglu")
+    p.add_argument("--rows", type=str, default="", help="comma list of row indices to run")
     a = p.parse_args(argv)
     rows = QUICK_ROWS if a.quick else FULL_ROWS
+    if a.rows:
+        rows = [rows[int(i)] for i in a.rows.split(",")]
     repeats = 3 if a.quick else a.repeats
 
     t0 = time.perf_counter()
@@ -100,6 +103,10 @@ def main(argv=None):
         x = jax.device_put(jax.random.normal(jax.random.key(1), (t, d)), tok)
         ct = jax.device_put(jax.random.normal(jax.random.key(2), (t, d)), tok)
         fn = layer_fn(cfg, mesh)
+        # The routing's actual expert load (random init routes unevenly): an
+        # input of the model, like the load a user passes to the planner.
+        aux = jax.jit(lambda x_, p_: jmoe.moe_apply(p_, x_, cfg, mesh=mesh)[1])(x, params)
+        load_E = [float(v) for v in np.asarray(aux.expert_load)]
         tc = time.perf_counter()
         jax.block_until_ready(fn(ct, x, params))
         compile_s = time.perf_counter() - tc
@@ -114,8 +121,8 @@ def main(argv=None):
         tokens_dev = t // (data * expert)
 
         def predict(hw):
-            lc = cost_model.moe_layer_cost(cfg, tokens_dev, expert, hw, dtype="float32",
-                                           backend="cpu")
+            lc = cost_model.moe_layer_cost(cfg, tokens_dev, expert, hw, load_E=load_E,
+                                           dtype="float32", backend="cpu")
             return lc.time + hw.launch_overhead, lc
 
         pred, lc = predict(hw_row)
@@ -127,6 +134,7 @@ def main(argv=None):
                "predicted_s": pred, "predicted_start_s": pred0, "ratio": pred / meas,
                "error": pred / meas - 1.0, "compile_s": compile_s,
                "breakdown_s": {o.name: o.total for o in lc.ops},
+               "expert_load": load_E, "max_load_over_mean": max(load_E) * e,
                "calibration": cal.rates(med_cal)}
         results.append(row)
         print(f"T={t:5d} D={d:4d} F={f:4d} E={e:2d} {disp:8s} n={n} mesh={data}x{expert}: "

@@ -14,8 +14,8 @@ A tensor carries its shape in its name: `x_BTD`, `w_EDF`, `logits_TE`.
 
 from jmoe.config import MoEConfig
 from jmoe.moe import MoE, MoEAux, RouterBias, init_bias, init_params, moe_apply
-from jmoe import routing, dispatch, experts
+from jmoe import dispatch, experts, kernels, linen, routing, sharding
 
 __all__ = ["MoEConfig", "MoE", "MoEAux", "RouterBias", "init_params", "init_bias",
-           "moe_apply", "routing", "dispatch", "experts"]
+           "moe_apply", "routing", "dispatch", "experts", "kernels", "linen", "sharding"]
 __version__ = "0.1.0"

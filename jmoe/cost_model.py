@@ -393,7 +393,7 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
         drop = capacity_drop_fraction(load, a_all, cap)
         # Exchange chunks cut the C slots; experts run on [E_local, ep*C/n, D].
         v = rows_buf * d * b
-        comm_1 = a2a(v / n)
+        comm_in = comm_out = a2a(v / n)
         reorder = prim.mem(2 * v / n) if (ep > 1 and el > 1) else 0.0
         c_f, c_b = _expert_compute(rows_buf / n, el, d, f, mats, prim)
         c_f, c_b = c_f + 2 * reorder, c_b + 2 * reorder
@@ -426,43 +426,49 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
             recv = max(1, min(recv, math.ceil(moe.ep_recv_factor * a_c)))
         drop = recv_drop_fraction(load, ep, int(a_c), int(recv))
         rows_dev = min(recv, a_c * hot)  # real rows on the hottest device
-        # Receive side: group rows by local expert (padded to group_align).
+        # Receive side: group the `recv` buffer rows by local expert (padded
+        # to group_align): a sort, then permute / un-permute over all of them.
         rrows = recv + (el + 1) * (moe.group_align - 1)
         regroup = prim.sort(recv) + prim.mem(recv * 4 * 8, kernels=4)
         regroup_mv = prim.gather(2 * rrows * d * b) + prim.gather(2 * (rrows + recv) * d * b)
-        counts = 3 * all_to_all_time(ep * 4 * max(1, el), ep, hw, moe.a2a_hierarchy)["time"]
-        add("a2a_counts", "comm", n_core * counts, 0.0)
+        # Counts and offsets: three small all-to-alls, two more per dense call.
+        small = all_to_all_time(ep * 4 * max(1, el), ep, hw, moe.a2a_hierarchy)["time"]
+        add("a2a_counts", "comm", n_core * small * (3 if native else 5), 0.0)
         if native:
             # Actual rows: the hottest device receives (and sends back) most.
-            v = max(a_c, a_c * hot) * d * b
-            comm_1 = a2a(v)
-            scatter = 0.0
+            v_in = v_out = max(a_c, a_c * hot) * d * b
+            move = 0.0
         else:
-            v = ep * a_c * d * b  # every peer's slice padded to a_c rows
-            comm_1 = a2a(v)
-            scatter = prim.gather(2 * v) + prim.mem(v)
+            # Dense emulation: every peer's slice padded to the operand's rows:
+            # ep x a_c rows out, ep x recv rows back; a gather builds each send
+            # buffer and a scatter places what arrives (transposed in backward).
+            v_in, v_out = ep * a_c * d * b, ep * recv * d * b
+            move = (prim.gather(4 * v_in + recv * d * b, kernels=2)
+                    + prim.gather(4 * v_out + a_c * d * b, kernels=2))
+        comm_in, comm_out = a2a(v_in), a2a(v_out)
         c_f, c_b = _expert_compute(rows_dev + el * (moe.group_align - 1) / 2, el, d, f,
                                    mats, prim)
-        c_f += regroup + regroup_mv + scatter
-        c_b += regroup_mv + scatter
+        c_f += regroup + regroup_mv + move
+        c_b += regroup_mv + move
         exch_rows = rows_dev
         detail.update(recv_rows=recv, rows_per_device=rows_dev * n_core,
                       ragged="native" if native else "dense-emulation")
         n = n_core
+        v = v_in
     detail["drop_fraction"] = drop
     detail["a2a_bytes"] = (v / n if moe.dispatch == "capacity" else v)
     # The exchange as a pipeline: forward (dispatch, experts, combine), the
     # backward mirror image (2x compute), and the recomputed forward (remat).
-    comm = [comm_1] * n
     ovl = hw.async_collectives
-    fwd_t = pipeline_time(comm, [c_f] * n, comm, ovl)
-    bwd_t = pipeline_time(comm, [c_b] * n, comm, ovl)
+    fwd_t = pipeline_time([comm_in] * n, [c_f] * n, [comm_out] * n, ovl)
+    bwd_t = pipeline_time([comm_out] * n, [c_b] * n, [comm_in] * n, ovl)
     rec = remat in ("full", "dots")
-    ops.append(OpCost("a2a_dispatch", "comm", n * comm_1, n * comm_1, n * comm_1 if rec else 0.0))
-    ops.append(OpCost("a2a_combine", "comm", n * comm_1, n * comm_1, n * comm_1 if rec else 0.0))
-    ops.append(OpCost("experts", "compute", n * c_f, n * c_b, n * c_f if rec else 0.0))
-    serial_exch = (4 + (2 if rec else 0)) * n * comm_1 + n * (c_f + c_b + (c_f if rec else 0))
-    exch = fwd_t + bwd_t + (fwd_t if rec else 0.0)
+    r = 1.0 if rec else 0.0
+    ops.append(OpCost("a2a_dispatch", "comm", n * comm_in, n * comm_in, r * n * comm_in))
+    ops.append(OpCost("a2a_combine", "comm", n * comm_out, n * comm_out, r * n * comm_out))
+    ops.append(OpCost("experts", "compute", n * c_f, n * c_b, r * n * c_f))
+    serial_exch = (2 + r) * n * (comm_in + comm_out) + n * (c_f + c_b + r * c_f)
+    exch = fwd_t + bwd_t + r * fwd_t
     detail.update(exchange_serial=serial_exch, exchange_time=exch, exchange_rows=exch_rows)
     return _finish_moe(moe, ops, prim, tokens, remat, detail, drop, add,
                        saved=serial_exch - exch)

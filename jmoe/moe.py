@@ -33,6 +33,7 @@ class MoEAux:
       no slot; expert choice: fraction of tokens no expert took; dropless: 0.
     router_entropy: mean per-token entropy of the router distribution (nats).
     expert_load: [E] fraction of assignments routed to each expert (before drops).
+    expert_prob: [E] mean router probability of each expert over the tokens.
     """
 
     load_balance_loss: jax.Array
@@ -40,6 +41,23 @@ class MoEAux:
     dropped_fraction: jax.Array
     router_entropy: jax.Array
     expert_load: jax.Array
+    expert_prob: jax.Array
+
+
+def combine_aux(auxes, cfg: MoEConfig) -> MoEAux:
+    """The `MoEAux` of a layer applied to equal-size token chunks, as if applied
+    to all tokens at once (the load-balance loss is rebuilt from the means)."""
+    mean = lambda xs: sum(xs[1:], xs[0]) / len(xs)
+    load = mean([a.expert_load for a in auxes])
+    prob = mean([a.expert_prob for a in auxes])
+    if cfg.router == "expert_choice":
+        lb = jnp.zeros((), jnp.float32)
+    else:
+        lb = cfg.num_experts * jnp.sum(jax.lax.stop_gradient(load) * prob)
+    return MoEAux(load_balance_loss=lb, z_loss=mean([a.z_loss for a in auxes]),
+                  dropped_fraction=mean([a.dropped_fraction for a in auxes]),
+                  router_entropy=mean([a.router_entropy for a in auxes]),
+                  expert_load=load, expert_prob=prob)
 
 
 # ------------------------------------------------------------ parameters ----
@@ -129,7 +147,8 @@ def finalize_stats(sums: dict, cfg: MoEConfig, dropped: jax.Array) -> MoEAux:
                   dropped_fraction=dropped.astype(jnp.float32) / (
                       sums["num_tokens"] if cfg.router == "expert_choice"
                       else sums["num_assignments"]),
-                  router_entropy=sums["ent_sum"] / sums["num_tokens"], expert_load=f_E)
+                  router_entropy=sums["ent_sum"] / sums["num_tokens"], expert_load=f_E,
+                  expert_prob=p_E)
 
 
 def shared_experts(params: Params, x_TD: jax.Array, cfg: MoEConfig) -> jax.Array:

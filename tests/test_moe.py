@@ -270,3 +270,15 @@ def test_shape_mismatch_raises_before_compile():
     params = jmoe.init_params(jax.random.key(0), cfg)
     with pytest.raises(ValueError, match="d_model"):
         jax.jit(lambda x: jmoe.moe_apply(params, x, cfg)).trace(jnp.zeros((4, D + 1)))
+
+
+def test_combine_aux_of_token_chunks_equals_whole():
+    cfg = _cfg(num_experts=8)
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (32, D))
+    y, aux = jmoe.moe_apply(params, x, cfg)
+    parts = [jmoe.moe_apply(params, c, cfg) for c in jnp.split(x, 4)]
+    _close(jnp.concatenate([p[0] for p in parts]), y)
+    merged = jmoe.moe.combine_aux([p[1] for p in parts], cfg)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(aux)):
+        _close(a, b)
