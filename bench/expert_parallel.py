@@ -26,16 +26,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
 import jmoe  # noqa: E402
 from jmoe import dispatch, experts, routing  # noqa: E402
 from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
@@ -142,22 +141,9 @@ def main(argv=None):
     print(f"platform={jax.default_backend()} mesh data={a.data} expert={a.expert} "
           f"T={a.tokens} D={a.d_model} F={a.d_ff} E={a.experts} K={a.top_k} cf={a.cf}",
           flush=True)
-    for name, (fn, args) in rows.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        print(f"  compiled + first run {name:15s} {time.perf_counter() - t0:6.2f}s", flush=True)
-    samples = {n: [] for n in rows}
-    for r in range(a.repeats):
-        for name, (fn, args) in rows.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            samples[name].append(time.perf_counter() - t0)
-    med = {n: float(np.median(s)) for n, s in samples.items()}
-    ref = med["gspmd_capacity"]
-    out_rows = [{"name": n, "median_s": med[n], "ratio": med[n] / ref} for n in rows]
-    print("\n| variant | median fwd+bwd (s) | ratio to gspmd_capacity |\n|---|---|---|")
-    for row in out_rows:
-        print(f"| {row['name']} | {row['median_s']:.4f} | {row['ratio']:.2f}x |")
+    med = harness.time_interleaved(rows, a.repeats, log=lambda m: print(m, flush=True))
+    out_rows = harness.ratio_rows(med, "gspmd_capacity")
+    harness.print_table(out_rows, "gspmd_capacity")
     b = exchange_bytes(base, params, np.asarray(x), shards, a.expert)
     print("\n| bytes per device per all-to-all | bytes | ratio to analytic minimum |\n|---|---|---|")
     for k, v in b.items():
@@ -166,11 +152,7 @@ def main(argv=None):
               "shape": {"T": a.tokens, "D": a.d_model, "F": a.d_ff, "E": a.experts,
                         "K": a.top_k, "cf": a.cf, "data": a.data, "expert": a.expert},
               "rows": out_rows, "bytes": b}
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {a.json}")
+    harness.write_json(a.json, result)
     return result
 
 

@@ -18,17 +18,17 @@ reports medians and the ratio to `dense_limit`, all from this one process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
 import jmoe  # noqa: E402
 
 
@@ -134,33 +134,15 @@ def main(argv=None):
     }
     print(f"platform={jax.default_backend()} devices={jax.device_count()} "
           f"T={t} D={a.d_model} F={a.d_ff} E={a.experts} K={a.top_k} cf={a.cf}", flush=True)
-    for name, (fn, args) in rows.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        print(f"  compiled + first run {name:16s} {time.perf_counter() - t0:6.2f}s", flush=True)
-    samples = {name: [] for name in rows}
-    for r in range(a.repeats):
-        for name, (fn, args) in rows.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            samples[name].append(time.perf_counter() - t0)
-        print(f"  round {r + 1}/{a.repeats} done", flush=True)
-    med = {n: float(np.median(s)) for n, s in samples.items()}
-    out_rows = [{"name": n, "median_s": med[n], "ratio": med[n] / med["dense_limit"]}
-                for n in rows]
-    print(f"\n| variant | median fwd+bwd (s) | ratio to dense_limit |\n|---|---|---|")
-    for row in out_rows:
-        print(f"| {row['name']} | {row['median_s']:.4f} | {row['ratio']:.2f}x |")
+    med = harness.time_interleaved(rows, a.repeats, log=lambda m: print(m, flush=True))
+    out_rows = harness.ratio_rows(med, "dense_limit")
+    harness.print_table(out_rows, "dense_limit")
     result = {"platform": jax.default_backend(), "machine": platform.machine(),
               "jax": jax.__version__,
               "shape": {"T": t, "D": a.d_model, "F": a.d_ff, "E": a.experts, "K": a.top_k,
                         "cf": a.cf, "activation": "gelu", "dtype": "float32"},
               "repeats": a.repeats, "rows": out_rows}
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {a.json}")
+    harness.write_json(a.json, result)
     return result
 
 

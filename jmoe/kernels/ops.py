@@ -10,7 +10,7 @@ gradient. Both ops are differentiable in their float arguments:
     gmm:  dlhs = gmm(dout, rhs, transpose_rhs=True)   drhs = tgmm(lhs, dout)
     tgmm: dlhs = gmm(dout, c, transpose_rhs=True)     ddout = gmm(lhs, c)
 
-Backends: 'xla' (a loop over row tiles, any platform), 'pallas' (Triton
+Backends: 'xla' (per-group loops of large dots, any platform), 'pallas' (Triton
 kernels on GPU, interpret mode elsewhere), 'auto' (pallas on GPU, else xla).
 """
 
