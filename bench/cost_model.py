@@ -110,46 +110,55 @@ def main(argv=None):
         tc = time.perf_counter()
         jax.block_until_ready(fn(ct, x, params))
         compile_s = time.perf_counter() - tc
-        layer_s, cal_s = [], []
+        layer_s, layer_cpu, cal_s = [], [], []
         for _ in range(repeats):
-            cal_s.append(cal.time_once())
-            tl = time.perf_counter()
+            cal_s.append(cal.time_once("both"))
+            tl, cl = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn(ct, x, params))
             layer_s.append(time.perf_counter() - tl)
-        med_cal = {key: float(np.median([c[key] for c in cal_s])) for key in cal_s[0]}
-        hw_row = hardware.cpu_profile_from(cal.rates(med_cal))
+            layer_cpu.append((time.process_time() - cl) / 8)
+
+        def med_rates(clock):
+            return cal.rates({key: float(np.median([c[clock][key] for c in cal_s]))
+                              for key in cal_s[0][clock]})
+
         tokens_dev = t // (data * expert)
 
-        def predict(hw):
+        def predict(rates):
+            hw = hardware.cpu_profile_from(rates)
             lc = cost_model.moe_layer_cost(cfg, tokens_dev, expert, hw, load_E=load_E,
                                            dtype="float32", backend="cpu")
             return lc.time + hw.launch_overhead, lc
 
-        pred, lc = predict(hw_row)
-        pred0, _ = predict(hw_start)
-        meas = float(np.median(layer_s))
+        pred, lc = predict(med_rates("wall"))
+        pred0, _ = predict(start)
+        pred_cpu, _ = predict(med_rates("cpu"))
+        meas, meas_cpu = float(np.median(layer_s)), float(np.median(layer_cpu))
         row = {"tokens": t, "d_model": d, "d_ff": f, "experts": e, "top_k": k,
                "dispatch": disp, "overlap_chunks": n, "mesh_data": data, "mesh_expert": expert,
                "measured_s": meas, "measured_min_s": float(min(layer_s)),
                "predicted_s": pred, "predicted_start_s": pred0, "ratio": pred / meas,
-               "error": pred / meas - 1.0, "compile_s": compile_s,
+               "error": pred / meas - 1.0,
+               "measured_cpu_s_per_device": meas_cpu, "predicted_cpu_s_per_device": pred_cpu,
+               "ratio_cpu": pred_cpu / meas_cpu, "compile_s": compile_s,
                "breakdown_s": {o.name: o.total for o in lc.ops},
                "expert_load": load_E, "max_load_over_mean": max(load_E) * e,
-               "calibration": cal.rates(med_cal)}
+               "calibration": med_rates("wall"), "calibration_cpu": med_rates("cpu")}
         results.append(row)
         print(f"T={t:5d} D={d:4d} F={f:4d} E={e:2d} {disp:8s} n={n} mesh={data}x{expert}: "
               f"measured {meas * 1e3:8.1f} ms  predicted {pred * 1e3:8.1f} ms  "
-              f"ratio {pred / meas:5.2f}  (start-calibrated {pred0 / meas:5.2f})", flush=True)
+              f"ratio {pred / meas:5.2f}  (start-calibrated {pred0 / meas:5.2f}; cpu-time "
+              f"{pred_cpu / meas_cpu:5.2f})", flush=True)
 
     print("\n| T | D | F | E | dispatch | chunks | mesh | measured ms | predicted ms | "
-          "pred/meas | within 30% |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "pred/meas | within 30% | CPU-time pred/meas |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ok = abs(r["error"]) <= 0.30
         print(f"| {r['tokens']} | {r['d_model']} | {r['d_ff']} | {r['experts']} | "
               f"{r['dispatch']} | {r['overlap_chunks']} | {r['mesh_data']}x{r['mesh_expert']} | "
               f"{r['measured_s'] * 1e3:.1f} | {r['predicted_s'] * 1e3:.1f} | "
-              f"{r['ratio']:.2f} | {'yes' if ok else 'NO'} |")
+              f"{r['ratio']:.2f} | {'yes' if ok else 'NO'} | {r['ratio_cpu']:.2f} |")
     worst = max(abs(r["error"]) for r in results)
     n_ok = sum(abs(r["error"]) <= 0.30 for r in results)
     print(f"\n{n_ok}/{len(results)} rows within 30%; worst |error| {worst:.0%}; "

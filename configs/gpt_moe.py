@@ -105,11 +105,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.batch_size = 32  # global, per optimizer step
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
-    c.total_steps = 2000
+    c.total_steps = 200
     c.opt = ml_collections.ConfigDict(dict(
         lr=3e-3,
         min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio
-        warmup_steps=100,
+        warmup_steps=20,
         schedule_steps=-1,  # length of warmup+cosine; -1: total_steps
         b1=0.9,
         b2=0.95,
@@ -122,10 +122,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         z_loss_weight=1e-3,  # x mean over MoE layers of the router z-loss
     ))
 
-    c.eval_every = 250
-    c.eval_batches = 16
-    c.log_every = 25
-    c.checkpoint_every = 250
+    c.eval_every = 50
+    c.eval_batches = 4  # x batch_size x seq_len held-out tokens (32K)
+    c.log_every = 10
+    c.checkpoint_every = 50
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.max_time_s = 0.0  # stop (with a checkpoint) after this much training time; 0: off

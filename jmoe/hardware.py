@@ -263,21 +263,29 @@ class CpuCalibrator:
                 reps *= 4 if dt < target_s / 8 else 2
             self.reps[name] = max(1, int(reps * target_s / max(dt, 1e-6)))
 
-    def time_once(self) -> dict:
-        """Seconds per loop iteration of each case (launch: per call)."""
+    def time_once(self, clock: str = "wall") -> dict:
+        """Seconds per loop iteration of each case (launch: per call).
+
+        clock="wall" (elapsed time) or "both": {"wall": {...}, "cpu": {...}},
+        where "cpu" is this process's CPU time (all threads) divided by the
+        device count: what each device's work costs in core-seconds, nearly
+        independent of other processes' load on a shared machine.
+        """
         import numpy as np
 
-        out = {}
+        wall, cpu = {}, {}
         for name, (fn, args, _) in self.cases.items():
             reps = self.reps[name]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self.jax.block_until_ready(fn(np.full((1,), reps, np.int32), *args))
-            out[name] = (time.perf_counter() - t0) / reps
-        launch = out["launch"]
-        for name in out:
-            if name != "launch":
-                out[name] = max(out[name] - launch / self.reps[name], 1e-9)
-        return out
+            wall[name] = (time.perf_counter() - t0) / reps
+            cpu[name] = (time.process_time() - c0) / reps / self.n
+        for d in (wall, cpu):
+            launch = d["launch"]
+            for name in d:
+                if name != "launch":
+                    d[name] = max(d[name] - launch / self.reps[name], 1e-9)
+        return {"wall": wall, "cpu": cpu} if clock == "both" else wall
 
     def rates(self, secs: dict) -> dict:
         """Per-device rates from (median) seconds per case."""
