@@ -99,7 +99,7 @@ def test_tiny_capacity_drops_exactly_what_the_policy_names(policy):
 
 
 @settings(max_examples=8, deadline=None)
-@given(t=st.integers(1, 40), e=st.integers(1, 9), k=st.integers(1, 3),
+@given(t=st.integers(1, 24), e=st.integers(1, 9), k=st.integers(1, 3),
        skew=st.booleans(), seed=st.integers(0, 1000))
 def test_dropless_fuzzed(t, e, k, skew, seed):
     k = min(k, e)
@@ -108,7 +108,7 @@ def test_dropless_fuzzed(t, e, k, skew, seed):
     if skew:  # most experts get no tokens at all
         params["router"]["w_DE"] = params["router"]["w_DE"].at[:, 0].add(5.0)
     x = jax.random.normal(jax.random.key(seed + 1), (t, D))
-    y, aux = jmoe.moe_apply(params, x, cfg)
+    y, aux = jax.jit(lambda p, x: jmoe.moe_apply(p, x, cfg))(params, x)
     y_ref, kept = reference_moe(params, x, cfg)
     assert kept.all()
     _close(y, y_ref)
