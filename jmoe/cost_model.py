@@ -87,6 +87,9 @@ class Prim:
     def gather(self, nbytes: float, kernels: int = 1) -> float:
         return nbytes / (self.hw.mem_bw * self.hw.gather_eff) + kernels * self.hw.kernel_overhead
 
+    def scatter(self, nbytes: float, kernels: int = 1) -> float:
+        return nbytes / (self.hw.mem_bw * self.hw.scatter_eff) + kernels * self.hw.kernel_overhead
+
     def sort(self, n: int) -> float:
         """Sorting n int32 keys: ~log2(n) passes over 8-byte (key, index) pairs."""
         return self.mem(2 * 8 * n * max(1.0, math.log2(max(n, 2))), kernels=3)
@@ -352,7 +355,7 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
     d, f, e, k = moe.d_model, moe.d_ff, moe.num_experts, moe.top_k
     el = e // ep
     mats = 3 if moe.activation == "swiglu" else 2
-    load = tuple(load_E) if load_E is not None else tuple([1.0 / e] * e)
+    load = tuple(float(v) for v in load_E) if load_E is not None else tuple([1.0 / e] * e)
     n = max(1, moe.overlap_chunks)
     ops: list[OpCost] = []
     detail: dict = {}
@@ -437,19 +440,30 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
         if native:
             # Actual rows: the hottest device receives (and sends back) most.
             v_in = v_out = max(a_c, a_c * hot) * d * b
-            move = 0.0
+            move = move_b = 0.0
         else:
             # Dense emulation: every peer's slice padded to the operand's rows:
             # ep x a_c rows out, ep x recv rows back; a gather builds each send
             # buffer and a scatter places what arrives (transposed in backward).
             v_in, v_out = ep * a_c * d * b, ep * recv * d * b
-            move = (prim.gather(4 * v_in + recv * d * b, kernels=2)
-                    + prim.gather(4 * v_out + a_c * d * b, kernels=2))
+            # Per dense call on an operand of n rows and a v-byte send buffer:
+            # forward: copy the operand (+1 zero row), gather v, scatter v
+            # into a zeroed output; backward: gather v (cotangent at the
+            # destinations), scatter zeros into it, scatter-add v back.
+            def dense_call(vb, n_rows, out_rows):
+                fwd = (prim.mem(2 * n_rows * d * b) + prim.gather(2 * vb)
+                       + prim.scatter(2 * vb + out_rows * d * b))
+                bwd = (prim.gather(2 * vb) + prim.scatter(vb + out_rows * d * b)
+                       + prim.scatter(2 * vb + n_rows * d * b) + prim.mem(2 * n_rows * d * b))
+                return fwd, bwd
+            f1, b1 = dense_call(v_in, a_c, recv)
+            f2, b2 = dense_call(v_out, recv, a_c)
+            move, move_b = f1 + f2, b1 + b2
         comm_in, comm_out = a2a(v_in), a2a(v_out)
         c_f, c_b = _expert_compute(rows_dev + el * (moe.group_align - 1) / 2, el, d, f,
                                    mats, prim)
         c_f += regroup + regroup_mv + move
-        c_b += regroup_mv + move
+        c_b += regroup_mv + move_b
         exch_rows = rows_dev
         detail.update(recv_rows=recv, rows_per_device=rows_dev * n_core,
                       ragged="native" if native else "dense-emulation")

@@ -29,7 +29,7 @@ from flax import nnx
 
 from jmoe import experts
 from jmoe.config import MoEConfig
-from jmoe.moe import MoE, MoEAux
+from jmoe.moe import MoE
 
 REMAT = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -29,9 +29,10 @@ from jmoe.cost_model import Setting
 MOE_KNOBS = ("dispatch", "capacity_factor", "overlap_chunks", "a2a_hierarchy", "ep_recv_factor")
 
 
-def _define(fv: flags.FlagValues) -> None:
+def _define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+    # config_flags finds `--config.*` overrides in argv itself (sys.argv unless given).
     config_flags.DEFINE_config_file("config", "configs/gpt_moe.py", "Config file[:variant].",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True, sys_argv=list(argv))
     flags.DEFINE_string("hardware", "h100", f"one of {hardware.NAMES}", flag_values=fv)
     flags.DEFINE_integer("nodes", 1, "nodes (devices = nodes x devices_per_node)",
                          flag_values=fv)
@@ -41,7 +42,7 @@ def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("load", "uniform",
                         "expert load: uniform | zipf:S | hot:R | comma list of E weights",
                         flag_values=fv)
-    flags.DEFINE_float("drop_budget", 0.01, "max expected share of dropped assignments",
+    flags.DEFINE_float("drop_budget", 0.005, "max expected share of dropped assignments",
                        flag_values=fv)
     flags.DEFINE_multi_string("set", [], "hardware field override FIELD=VALUE",
                               flag_values=fv)
@@ -125,23 +126,30 @@ def describe(s: Setting) -> str:
 
 
 def _layer_rows(cur: cost_model.StepCost, best: cost_model.StepCost) -> list:
+    """(layer, count, region, kind, current ms, recommended ms) per device per
+    step: one layer's time x micro-batches (the two may differ in accumulation)."""
     rows = []
+    m0, m1 = cur.micro_batches, best.micro_batches
     for key, (lc, count) in best.layers.items():
         lc0 = cur.layers[key][0]
         ops0 = {o.name: o for o in lc0.ops}
         for o in lc.ops:
             o0 = ops0.get(o.name)
-            rows.append((key, count, o.name, o.kind, o0.total if o0 else 0.0, o.total))
+            rows.append((key, count, o.name, o.kind, m0 * o0.total if o0 else 0.0,
+                         m1 * o.total))
         if key == "moe":
-            rows.append((key, count, "overlap (hidden)", "comm", -lc0.hidden, -lc.hidden))
-        rows.append((key, count, "= layer", "", lc0.time, lc.time))
+            rows.append((key, count, "overlap (hidden)", "comm", -m0 * lc0.hidden,
+                         -m1 * lc.hidden))
+        rows.append((key, count, "= layer", "", m0 * lc0.time, m1 * lc.time))
     return rows
 
 
 def report(config, variant: str, hw, devices: int, result: dict, load: str,
            gpt, seq_len: int, batch_size: int) -> str:
     cur, best = result["current"], result["best"]
-    counts = __import__("jmoe.model", fromlist=["param_count_formula"]).param_count_formula(gpt)
+    from jmoe.model import flops_per_token, param_count_formula
+
+    counts = param_count_formula(gpt)
     nodes = -(-devices // hw.devices_per_node)
     lines = [
         f"jmoe plan: {variant} ({counts['total'] / 1e9:.1f}B parameters, "
@@ -154,17 +162,24 @@ def report(config, variant: str, hw, devices: int, result: dict, load: str,
         f"current:     {describe(cur.setting)}",
         f"recommended: {describe(best.setting)}",
         "",
-        "Per-layer forward+backward, ms per micro-batch per device:",
+        "Per-layer forward+backward, ms per step per device (one layer, all micro-batches):",
         "| layer (x count) | region | kind | current | recommended |",
         "|---|---|---|---:|---:|",
     ]
     for key, count, name, kind, t0, t1 in _layer_rows(cur, best):
         lines.append(f"| {key} (x{count}) | {name} | {kind} | {_ms(t0)} | {_ms(t1)} |")
 
+    model_flops = flops_per_token(gpt, seq_len) * batch_size * seq_len
+    peak = devices * hw.flops(gpt.dtype)
+
     def col(sc):
         tok = batch_size * seq_len / sc.time
         return [sc.compute, sc.exposed_comm, sc.overlapped_comm, sc.a2a, sc.a2a_exposed,
-                sc.time, tok, sc.memory["total"], sc.drop_fraction]
+                sc.time, tok, sc.memory["total"], sc.drop_fraction,
+                model_flops / (peak * sc.time)]
+
+    def mem(x):
+        return f"{x / 1e9:.1f}" + ("" if x <= hw.mem_bytes else " (over)")
 
     c0, c1 = col(cur), col(best)
     names = ["compute", "exposed communication", "overlapped communication",
@@ -177,7 +192,9 @@ def report(config, variant: str, hw, devices: int, result: dict, load: str,
         f"| all-to-all share of step (total / exposed) | {c0[3] / c0[5]:.1%} / "
         f"{c0[4] / c0[5]:.1%} | {c1[3] / c1[5]:.1%} / {c1[4] / c1[5]:.1%} |",
         f"| tokens per second (cluster) | {c0[6]:,.0f} | {c1[6]:,.0f} |",
-        f"| memory per device, GB (estimate) | {c0[7] / 1e9:.1f} | {c1[7] / 1e9:.1f} |",
+        f"| model FLOPs utilisation | {c0[9]:.1%} | {c1[9]:.1%} |",
+        f"| memory per device, GB (estimate; {hw.mem_bytes / 1e9:.0f} available) | "
+        f"{mem(c0[7])} | {mem(c1[7])} |",
         f"| expected dropped assignments | {c0[8]:.2%} | {c1[8]:.2%} |",
         "",
         f"speed-up over current: {cur.time / best.time:.2f}x",
@@ -208,7 +225,7 @@ def report(config, variant: str, hw, devices: int, result: dict, load: str,
 def run(argv: Sequence[str]) -> dict:
     """Parses `argv` (program name first), prints the report, returns the result."""
     fv = flags.FlagValues()
-    _define(fv)
+    _define(fv, argv)
     fv(list(argv))
     config = fv.config
     cfg_name = config_flags.get_config_filename(fv["config"])
@@ -225,6 +242,9 @@ def run(argv: Sequence[str]) -> dict:
     if fv.hardware.lower() in ("cpu-local", "cpu") and not fv.devices:
         devices = hw.devices_per_node
     seq_len, batch = int(config.data.seq_len), int(config.batch_size)
+    if int(config.mesh.get("tensor", 1)) != 1:
+        raise ValueError(f"config.mesh.tensor={config.mesh.tensor}: the cost model covers "
+                         "meshes without expert tensor parallelism; plan with tensor=1.")
     cur = current_setting(config, devices)
     if devices % cur.ep:
         cur = Setting(1, cur.dispatch, cur.capacity_factor, cur.overlap_chunks, 0,

@@ -45,11 +45,13 @@ def build(config):
     bsh = mesh_lib.batch_sharding(mesh)
     with jax.set_mesh(mesh):
         state = model_lib.compile_init(jax.jit(init, out_shardings=shardings))()
-        train_fn, _ = step_lib.jit_steps(mesh, shardings, bsh, step_lib.graphdef_of(gpt), tx,
+        train_fn, _ = step_lib.jit_steps(shardings, bsh, step_lib.graphdef_of(gpt), tx,
                                          schedule, step_lib.step_config(config))
-    rng = np.random.default_rng(0)
+    # A real batch: routing (and so the experts' group sizes) as in training.
     b, t = config.batch_size, config.data.seq_len
-    batch = data.to_global(rng.integers(0, gpt.vocab_size, (b, t + 1), dtype=np.int32), bsh, b)
+    corpus = data.load_corpus(config.data, gpt.vocab_size)
+    rows = data.train_iterator(corpus.train, seq_len=t, global_batch=b, seed=config.seed)
+    batch = data.to_global(next(rows), bsh, b)
     return mesh, train_fn, state, batch, b * t
 
 

@@ -28,7 +28,8 @@ ITEMS = ("state", "data", "config")
 def manager(workdir: str, *, every: int, keep: int, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, every), max_to_keep=keep,
+        save_interval_steps=0 if read_only else max(1, every),
+        max_to_keep=None if read_only else keep,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
         create=not read_only, read_only=read_only)
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),

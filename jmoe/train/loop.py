@@ -133,9 +133,11 @@ def maybe_initialize_distributed() -> None:
 
 
 def _distributed_ready() -> bool:
-    from jax._src import distributed  # no public query in JAX 0.10
-
-    return distributed.global_state.client is not None
+    try:
+        from jax._src import distributed  # no public query in JAX 0.10
+    except ImportError:
+        return False
+    return getattr(distributed.global_state, "client", None) is not None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = False) -> dict:
@@ -212,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
         else:
             start = 0
             state = model_lib.compile_init(jax.jit(init, out_shardings=shardings))()
-        train_fn, eval_fn = step_lib.jit_steps(mesh, shardings, batch_sharding, graphdef, tx,
+        train_fn, eval_fn = step_lib.jit_steps(shardings, batch_sharding, graphdef, tx,
                                                schedule, scfg)
 
         def evaluate(s: int) -> float:

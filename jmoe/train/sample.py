@@ -77,6 +77,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = ap.parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # Orbax notes that a read-only manager is read-only
     try:
         model, config, step = load(args.workdir, args.step)
     except FileNotFoundError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -175,7 +175,7 @@ def eval_step(state: TrainState, batch_BT1: jax.Array, *, graphdef: nnx.GraphDef
     return metrics["ce"]
 
 
-def jit_steps(mesh, state_sharding, batch_sharding, graphdef, tx, schedule, scfg):
+def jit_steps(state_sharding, batch_sharding, graphdef, tx, schedule, scfg):
     """The jitted train step (state donated) and eval step."""
     train = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, scfg=scfg),
@@ -185,7 +185,3 @@ def jit_steps(mesh, state_sharding, batch_sharding, graphdef, tx, schedule, scfg
     evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, scfg=scfg),
                        in_shardings=(state_sharding, batch_sharding))
     return train, evaluate
-
-
-def abstract_state(gpt_cfg: GPTConfig, tx, seed: int) -> Any:
-    return jax.eval_shape(make_init(gpt_cfg, tx, seed))
