@@ -57,7 +57,9 @@ def _model(**kw) -> ml_collections.ConfigDict:
         tie_embeddings=False,
         dtype="float32",  # compute dtype ("bfloat16" on GPU/TPU)
         param_dtype="float32",
-        remat="none",  # none | full | dots
+        remat="none",
+        lancet_chunks=1,  # Lancet-style token chunks around each MoE (math-identical)
+        scmoe=False,  # ScMoE shortcut-connected MoE: a different model, off by default  # none | full | dots
         # --- MoE layer (jmoe.MoEConfig) ---
         num_experts=8,
         top_k=2,

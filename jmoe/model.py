@@ -29,7 +29,8 @@ from flax import nnx
 
 from jmoe import experts
 from jmoe.config import MoEConfig
-from jmoe.moe import MoE
+from jmoe.moe import MoE, combine_aux
+from jmoe.sharding.expert_parallel import chunk_bounds
 
 REMAT = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -55,6 +56,16 @@ class GPTConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    # Lancet-style overlap: the work around each MoE (attention output
+    # projection, residual, norm, router, experts) runs in this many token
+    # chunks along T, so chunk j's all-to-all can overlap chunk j+1's
+    # compute. Math-identical (dropless dispatch, no router jitter).
+    lancet_chunks: int = 1
+    # ScMoE (architecture variant, changes the model): an MoE layer's experts
+    # read the block's input (normed, before attention) through a shortcut,
+    # while a dense MLP of one expert's size reads the current representation;
+    # both outputs are added. The all-to-all then has the attention to hide behind.
+    scmoe: bool = False
     moe: Optional[MoEConfig] = None  # None when no layer is an MoE layer
 
     @property
@@ -120,6 +131,16 @@ class GPTConfig:
                 fail(f, getattr(self, f), f"choose one of {DTYPES}.")
         if self.rope_theta <= 0:
             fail("rope_theta", self.rope_theta, "must be > 0.")
+        if not isinstance(self.lancet_chunks, int) or self.lancet_chunks < 1:
+            fail("lancet_chunks", self.lancet_chunks, "must be an integer >= 1 (1 = off).")
+        if self.lancet_chunks > 1 and self.moe is not None:
+            if self.moe.dispatch != "dropless":
+                fail("lancet_chunks", self.lancet_chunks,
+                     "token chunks change each chunk's capacity: use dispatch='dropless' "
+                     "or lancet_chunks=1.")
+            if self.moe.jitter_eps > 0:
+                fail("lancet_chunks", self.lancet_chunks,
+                     "router jitter draws differ per chunk: set jitter_eps=0 or lancet_chunks=1.")
 
 
 def from_config(model_cfg: Mapping[str, Any]) -> GPTConfig:
@@ -191,7 +212,8 @@ class Attention(nnx.Module):
         self.w_o_HKD = nnx.Param(_init(out_std)(rngs.params(), (h, k, d), pdt))
         self.theta = cfg.rope_theta
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    def core(self, x_BTD: jax.Array) -> jax.Array:
+        """Everything before the output projection: [B, T, D] -> [B, T, H, K]."""
         dt = x_BTD.dtype
         q_BTHK = rope(jnp.einsum("btd,dhk->bthk", x_BTD, self.w_q_DHK[...].astype(dt)), self.theta)
         k_BTJK = rope(jnp.einsum("btd,djk->btjk", x_BTD, self.w_k_DJK[...].astype(dt)), self.theta)
@@ -199,7 +221,14 @@ class Attention(nnx.Module):
         # jax.nn.dot_product_attention handles grouped-query heads and picks
         # cuDNN flash attention on GPUs that have it.
         o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTJK, v_BTJK, is_causal=True)
-        return jnp.einsum("bthk,hkd->btd", o_BTHK, self.w_o_HKD[...].astype(dt))
+        return o_BTHK
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        return self.project(self.core(x_BTD))
+
+    def project(self, o_BTHK: jax.Array) -> jax.Array:
+        """The output projection (separate so Lancet can chunk it)."""
+        return jnp.einsum("bthk,hkd->btd", o_BTHK, self.w_o_HKD[...].astype(o_BTHK.dtype))
 
 
 class DenseFFN(nnx.Module):
@@ -219,6 +248,19 @@ class DenseFFN(nnx.Module):
         return experts.dense_mlp(x_BTD, w, self.activation)
 
 
+def _scale_residual_outputs(layer: MoE, scale: float) -> None:
+    """GPT-2 residual scaling for the MoE layer's down projections.
+
+    Every projection that writes into the residual stream (attention output,
+    dense FFN, routed and shared experts) starts at 1/sqrt(2 * layers) of its
+    fan-in scale, so the MoE and the dense model start from the same scheme.
+    """
+    for holder, name in ((layer.experts, "w_down_EFD"), (layer.shared, "w_down_FD")):
+        if holder is not None and hasattr(holder, name):
+            w = getattr(holder, name)
+            w[...] = (w[...] * scale).astype(w[...].dtype)
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, layer: int, *, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
@@ -228,18 +270,48 @@ class Block(nnx.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
             self.ffn = MoE(cfg.moe, rngs=rngs)
+            _scale_residual_outputs(self.ffn, 1.0 / math.sqrt(2 * cfg.num_layers))
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_hidden, cfg.activation, cfg.num_layers,
                                 pdt, rngs=rngs)
+        self.scmoe = self.is_moe and cfg.scmoe
+        if self.scmoe:
+            self.shortcut_mlp = DenseFFN(cfg.d_model, cfg.moe.d_ff, cfg.activation,
+                                         cfg.num_layers, pdt, rngs=rngs)
+        self.lancet_chunks = cfg.lancet_chunks if self.is_moe and not self.scmoe else 1
 
     def __call__(self, x_BTD: jax.Array, train: bool, rng: Optional[jax.Array]):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
-        h_BTD = self.ffn_norm(x_BTD)
-        if self.is_moe:
-            y_BTD, aux = self.ffn(h_BTD, train=train, rng=rng)
-        else:
-            y_BTD, aux = self.ffn(h_BTD), None
-        return x_BTD + y_BTD, aux
+        if not self.is_moe:
+            x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
+            return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
+        if self.scmoe:
+            return self._scmoe(x_BTD, train, rng)
+        o_BTHK = self.attn.core(self.attn_norm(x_BTD))
+        if self.lancet_chunks == 1:
+            return self._post_attention(x_BTD, o_BTHK, train, rng)
+        # Lancet: chunk j's all-to-alls depend only on chunk j's projection,
+        # norm and router, so they can run while chunk j+1's compute does.
+        outs, auxes = [], []
+        for j, (a, b) in enumerate(chunk_bounds(x_BTD.shape[1], self.lancet_chunks)):
+            with jax.named_scope(f"lancet{j}"):
+                out, aux = self._post_attention(x_BTD[:, a:b], o_BTHK[:, a:b], train, rng)
+            outs.append(out)
+            auxes.append(aux)
+        return jnp.concatenate(outs, axis=1), combine_aux(auxes, self.ffn.cfg,
+                                                          weights=[o.shape[1] for o in outs])
+
+    def _post_attention(self, x_BTD, o_BTHK, train, rng):
+        h_BTD = x_BTD + self.attn.project(o_BTHK)
+        y_BTD, aux = self.ffn(self.ffn_norm(h_BTD), train=train, rng=rng)
+        return h_BTD + y_BTD, aux
+
+    def _scmoe(self, x_BTD, train, rng):
+        # The experts start from the block input, so their all-to-all does not
+        # wait for this block's attention.
+        n_BTD = self.attn_norm(x_BTD)
+        y_moe_BTD, aux = self.ffn(n_BTD, train=train, rng=rng)
+        h_BTD = x_BTD + self.attn(n_BTD)
+        return h_BTD + self.shortcut_mlp(self.ffn_norm(h_BTD)) + y_moe_BTD, aux
 
 
 class GPT(nnx.Module):
@@ -345,6 +417,9 @@ def param_count_formula(cfg: GPTConfig) -> dict[str, int]:
                                                   else 0)
             total += router + m.num_experts * mats * d * m.d_ff + shared
             active += router + m.top_k * mats * d * m.d_ff + shared
+            if cfg.scmoe:  # the dense MLP beside the shortcut-fed experts
+                total += mats * d * m.d_ff
+                active += mats * d * m.d_ff
         else:
             total += dense_ffn
             active += dense_ffn

@@ -44,10 +44,12 @@ class MoEAux:
     expert_prob: jax.Array
 
 
-def combine_aux(auxes, cfg: MoEConfig) -> MoEAux:
-    """The `MoEAux` of a layer applied to equal-size token chunks, as if applied
-    to all tokens at once (the load-balance loss is rebuilt from the means)."""
-    mean = lambda xs: sum(xs[1:], xs[0]) / len(xs)
+def combine_aux(auxes, cfg: MoEConfig, weights=None) -> MoEAux:
+    """The `MoEAux` of a layer applied to token chunks, as if applied to all
+    tokens at once. `weights`: the chunks' token counts (default: equal); the
+    load-balance loss is rebuilt from the merged means."""
+    w = [1.0] * len(auxes) if weights is None else [float(v) for v in weights]
+    mean = lambda xs: sum(wi * x for wi, x in zip(w, xs)) / sum(w)
     load = mean([a.expert_load for a in auxes])
     prob = mean([a.expert_prob for a in auxes])
     if cfg.router == "expert_choice":

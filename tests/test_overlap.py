@@ -212,3 +212,83 @@ def test_overlap_report_reads_async_pairs():
     """
     assert xla_flags.overlap_report(hlo) == {"all_to_all": 1, "async_pairs": 2,
                                              "compute_between": 1}
+
+
+def _tiny_gpt(**kw):
+    from jmoe import model as model_lib
+
+    fields = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=32,
+                  num_experts=8, top_k=2, dispatch="dropless", group_align=4)
+    fields.update(kw)
+    return model_lib.from_config(fields)
+
+
+def _logits_and_grads(gcfg, tokens, mesh=None):
+    from flax import nnx
+
+    from jmoe import model as model_lib
+
+    model = model_lib.init_model(gcfg, seed=0)
+    graphdef, state = nnx.split(model)
+    ct = jax.random.normal(jax.random.key(7), tokens.shape + (gcfg.vocab_size,))
+
+    @jax.jit
+    def run(state, tokens, ct):
+        def f(state):
+            logits, aux = nnx.merge(graphdef, state)(tokens)
+            return logits, aux.load_balance_loss
+        (logits, lb), vjp = jax.vjp(f, state)
+        return logits, lb, vjp((ct, jnp.ones_like(lb)))
+
+    if mesh is None:
+        return run(state, tokens, ct)
+    with jax.set_mesh(mesh):
+        return run(state, tokens, ct)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
+def test_lancet_block_equals_plain_block(mesh_shape):
+    tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
+    mesh = None if mesh_shape is None else make_mesh(data=mesh_shape[0], expert=mesh_shape[1])
+    ref = _logits_and_grads(_tiny_gpt(), tokens, mesh)
+    got = _logits_and_grads(_tiny_gpt(lancet_chunks=4), tokens, mesh)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5,
+                                   atol=1e-5 * float(np.max(np.abs(b)) if b.size else 0) + 1e-7)
+
+
+def test_lancet_needs_dropless():
+    with pytest.raises(ValueError, match="lancet_chunks"):
+        _tiny_gpt(lancet_chunks=2, dispatch="capacity")
+
+
+def test_scmoe_is_a_different_model_that_trains():
+    import optax
+    from flax import nnx
+
+    from jmoe import model as model_lib
+
+    gcfg = _tiny_gpt(scmoe=True)
+    model = model_lib.init_model(gcfg, seed=0)
+    plain = model_lib.init_model(_tiny_gpt(), seed=0)
+    assert model_lib.count_params(nnx.state(model, nnx.Param)) == \
+        model_lib.param_count_formula(gcfg)["total"]
+    assert model_lib.param_count_formula(gcfg)["total"] > \
+        model_lib.param_count_formula(_tiny_gpt())["total"]
+    del plain
+    data = jax.random.randint(jax.random.key(3), (8, 17), 0, 16)  # a small alphabet: learnable
+    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt):
+        def loss_fn(m):
+            logits, aux = m(data[:, :-1])
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, data[:, 1:]).mean()
+            return nll + 0.01 * jnp.mean(aux.load_balance_loss)
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(step(model, opt)) for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.1
