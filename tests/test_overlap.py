@@ -65,7 +65,11 @@ def _chunk_of(eqn):
 
 
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_chunks_are_independent_in_the_jaxpr(dispatch):
+def test_chunks_are_independent_in_the_jaxpr(dispatch, monkeypatch):
+    # The structure GPU/TPU get; on XLA:CPU the chunks are ordered on purpose
+    # (see expert_parallel.serialize_chunks), which the next test checks.
+    from jmoe.sharding import expert_parallel
+    monkeypatch.setattr(expert_parallel, "serialize_chunks", lambda: False)
     n = 4
     cfg = _cfg(dispatch=dispatch, overlap_chunks=n)
     params = jmoe.init_params(jax.random.key(0), cfg)
@@ -103,6 +107,16 @@ def test_chunks_are_independent_in_the_jaxpr(dispatch):
         for other, nodes in experts_of.items():
             if other != c:
                 assert not (anc & nodes), f"chunk {c}'s all-to-all waits on chunk {other}'s experts"
+
+
+def test_chunks_are_ordered_on_cpu():
+    from jmoe.sharding import expert_parallel
+    assert expert_parallel.serialize_chunks()  # this suite runs on CPU
+    cfg = _cfg(dispatch="dropless", overlap_chunks=2)
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    text = str(jax.make_jaxpr(lambda p, x: jmoe.moe_apply(
+        p, x, cfg, mesh=make_mesh(data=1, expert=8))[0])(params, jnp.zeros((T, D))))
+    assert "optimization_barrier" in text
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])

@@ -111,7 +111,7 @@ def ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_o
     ok_PN = rows[None, :] < recv_sizes[:, None]
     dest_PN = jnp.where(ok_PN, dest_off[:, None] + rows[None, :], output.shape[0])
     return output.at[dest_PN.reshape(-1)].set(
-        recv.reshape((ep * n,) + operand.shape[1:]), mode="drop", unique_indices=True)
+        recv.reshape((ep * n,) + operand.shape[1:]), mode="drop")
 
 
 def _exclusive_cumsum(x, axis=-1):
@@ -197,6 +197,25 @@ def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool):
     return y_AD, dropped
 
 
+def serialize_chunks() -> bool:
+    """Whether chunk i+1 must wait for chunk i (XLA:CPU only).
+
+    XLA:CPU may run independent collectives concurrently in different orders
+    on different devices, which crashed the process (segfault in jaxlib 0.10,
+    seen with two dropless chunks on 8 CPU devices). CPU collectives are
+    synchronous anyway, so ordering the chunks there loses no overlap.
+    """
+    return jax.default_backend() == "cpu"
+
+
+def after(x, dep):
+    """`x`, made to depend on `dep` when chunks are serialized (identity values)."""
+    if not serialize_chunks():
+        return x
+    x, _ = lax.optimization_barrier((x, dep))
+    return x
+
+
 def chunk_bounds(size: int, chunks: int) -> list:
     """Static [start, stop) pieces of `range(size)`, as equal as possible, none empty."""
     edges = np.linspace(0, size, min(chunks, max(size, 1)) + 1).round().astype(int)
@@ -216,8 +235,9 @@ def _capacity_exchange(buf_ECD, w, cfg: MoEConfig, ep: int, tp: bool):
         return _capacity_exchange_one(buf_ECD, w, cfg, ep, tp)
     ys = []
     for i, (a, b) in enumerate(pieces):
+        piece = after(buf_ECD[:, a:b], ys[-1]) if ys else buf_ECD[:, a:b]
         with jax.named_scope(f"chunk{i}"):
-            ys.append(_capacity_exchange_one(buf_ECD[:, a:b], w, cfg, ep, tp))
+            ys.append(_capacity_exchange_one(piece, w, cfg, ep, tp))
     return jnp.concatenate(ys, axis=1)
 
 
@@ -317,8 +337,11 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
             # so each chunk's pipeline is independent and the sum is exact.
             parts = []
             for i, (a, b) in enumerate(chunk_bounds(x.shape[0], cfg.overlap_chunks)):
+                xa, xra = x[a:b], xr[a:b]
+                if parts:
+                    xa, xra = after((xa, xra), parts[-1][0])
                 with jax.named_scope(f"chunk{i}"):
-                    parts.append(core(x[a:b], xr[a:b], w_DE, bias, w))
+                    parts.append(core(xa, xra, w_DE, bias, w))
             out = jnp.concatenate([p_[0] for p_ in parts], axis=0)
             sums, dropped = jax.tree.map(lambda *v: sum(v[1:], v[0]),
                                          *[(p_[1], p_[2]) for p_ in parts])
