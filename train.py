@@ -16,19 +16,25 @@ config_flags.DEFINE_config_file("config", "configs/gpt_moe.py", "Config file[:va
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metrics "
                     "(default: runs/<config name>[_<variant>]).")
+cli.define_distributed_flags()  # --coordinator_address etc.; SLURM needs none
 
 
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    from jmoe.sharding.distributed import DistributedError, exit_promptly_on_error
     from jmoe.train import ConfigError, NonFiniteLoss, run
 
     cli.config_file()
     workdir = flags.FLAGS.workdir or cli.default_workdir(flags.FLAGS["config"].config_filename)
+    user_errors = (ConfigError, NonFiniteLoss, DistributedError)
     try:
-        run(flags.FLAGS.config, workdir, distributed=True)
-    except (ConfigError, NonFiniteLoss) as e:
+        # Any other error on one of several processes ends it at once, so the
+        # others are stopped promptly instead of waiting for it in a collective.
+        with exit_promptly_on_error(expected=user_errors):
+            run(flags.FLAGS.config, workdir, distributed=cli.distributed_options())
+    except user_errors as e:
         # One line, no traceback: these are the user's to fix (config, data, NaN).
         cli.fail(str(e), code=1)
 

@@ -246,4 +246,4 @@ def test_plan_rejects_bad_input():
     with pytest.raises(ValueError, match="hardware"):
         _plan("default", "tpu-v9", 1)
     with pytest.raises(ValueError, match="num_experts"):
-        _plan("default", "h100", 1, "--config.model.top_k=9")
+        _plan("default", "h100", 1, "--config.model.top_k=99")

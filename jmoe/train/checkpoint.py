@@ -25,6 +25,19 @@ import orbax.checkpoint as ocp
 ITEMS = ("state", "data", "config")
 
 
+class _Manager(ocp.CheckpointManager):
+    """Saves when the loop asks, never because of its own preemption check.
+
+    In a multi-process run the loop picks the stop step with JAX's preemption
+    service and saves there. Orbax's own check calls the same service, also
+    from its background finalize thread with an older step, which would feed
+    a stale step into the agreement between the processes.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 def manager(workdir: str, *, every: int, keep: int, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(
@@ -32,8 +45,8 @@ def manager(workdir: str, *, every: int, keep: int, async_save: bool = True,
         max_to_keep=None if read_only else keep,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
         create=not read_only, read_only=read_only)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=opts, item_names=ITEMS)
+    return _Manager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                    options=opts, item_names=ITEMS)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_state: dict,

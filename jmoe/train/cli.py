@@ -50,3 +50,27 @@ def default_workdir(config_arg: str) -> str:
     path, _, variant = config_arg.partition(":")
     name = os.path.splitext(os.path.basename(path))[0]
     return os.path.join("runs", name + ("_" + variant.replace(",", "_") if variant else ""))
+
+
+def define_distributed_flags() -> None:
+    """Flags of an explicit multi-process launch; under SLURM none are needed."""
+    from jmoe.sharding import distributed as dist
+
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit "
+                        "multi-process launch; SLURM needs no flags).")
+    flags.DEFINE_integer("num_processes", None, "Processes in the job (explicit launch).")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+    flags.DEFINE_string("local_device_ids", None, "GPUs of this process on its node: 'all' "
+                        "or e.g. '0,1,2,3' (default: from SLURM, else all).")
+    flags.DEFINE_integer("heartbeat_timeout_s", dist.HEARTBEAT_TIMEOUT_S,
+                         "A process silent this long is declared dead and the others abort.")
+    flags.DEFINE_integer("init_timeout_s", dist.INIT_TIMEOUT_S,
+                         "Seconds for all processes to connect at start-up.")
+
+
+def distributed_options() -> dict:
+    """The distributed flags as keyword arguments of `jmoe.sharding.distributed.initialize`."""
+    f = flags.FLAGS
+    return dict(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                process_id=f.process_id, local_device_ids=f.local_device_ids,
+                heartbeat_timeout_s=f.heartbeat_timeout_s, init_timeout_s=f.init_timeout_s)

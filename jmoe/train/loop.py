@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from jmoe import model as model_lib
+from jmoe.sharding import distributed as dist
 from jmoe.train import checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, step as step_lib
 
 
@@ -104,10 +105,22 @@ def _check_same_model(saved: dict, config) -> None:
 
 
 class _Preempted:
-    """SIGTERM (SLURM preemption, `kill`) -> save at the next step and exit."""
+    """SIGTERM (SLURM preemption, `kill`) -> save at the next step and exit.
 
-    def __init__(self):
+    With several processes all must stop at the same step (collectives of a
+    step only some of them run would deadlock): JAX's preemption service then
+    owns SIGTERM and picks the step (`jmoe.sharding.distributed.stop_everywhere`).
+    """
+
+    def __init__(self, start_step: int = 0):
         self.flag = False
+        self.prev = None
+        self.multi = jax.process_count() > 1
+        if self.multi:
+            # Tell the service where we start: a SIGTERM during the first
+            # compile then stops at start_step + 1, not at a step long past.
+            dist.stop_everywhere(start_step)
+            return
         try:
             self.prev = signal.signal(signal.SIGTERM, self._set)
         except ValueError:  # not the main thread (e.g. a test runner thread)
@@ -116,41 +129,40 @@ class _Preempted:
     def _set(self, *_):
         self.flag = True
 
+    def stop(self, step: int, out_of_time: bool) -> bool:
+        """Stop after `step`? The same answer on every process."""
+        if self.multi:
+            return dist.stop_everywhere(step, request=out_of_time)
+        return self.flag or out_of_time
+
     def restore(self):
         if self.prev is not None:
             signal.signal(signal.SIGTERM, self.prev)
 
 
-def maybe_initialize_distributed() -> None:
-    """Joins a multi-process job when the environment describes one.
+def maybe_initialize_distributed(**options) -> None:
+    """Joins a multi-process job when the environment or `options` describe one.
 
-    SLURM (`srun`, several tasks) and explicit `JAX_COORDINATOR_ADDRESS`
-    launches are detected by `jax.distributed.initialize` itself.
+    SLURM (`srun`, several tasks), explicit coordinator/num_processes/process_id
+    and `JAX_COORDINATOR_ADDRESS` launches: see `jmoe.sharding.distributed`.
     """
-    multi_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
-    if (multi_slurm or "JAX_COORDINATOR_ADDRESS" in os.environ) and not _distributed_ready():
-        jax.distributed.initialize()
+    dist.initialize(**options)
 
 
-def _distributed_ready() -> bool:
-    try:
-        from jax._src import distributed  # no public query in JAX 0.10
-    except ImportError:
-        return False
-    return getattr(distributed.global_state, "client", None) is not None
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        distributed: bool | dict = False) -> dict:
     """Trains (or resumes) the model of `config` in `workdir`; returns a summary.
 
-    `distributed=True` first joins a multi-process job if the environment
-    describes one (SLURM, JAX_COORDINATOR_ADDRESS); train.py passes it.
+    `distributed=True` (or a dict of `jmoe.sharding.distributed.initialize`
+    options) first joins a multi-process job if the environment or the options
+    describe one (SLURM, explicit flags, JAX_COORDINATOR_ADDRESS); train.py
+    passes it. Every process runs this same function.
     """
     t_start = time.time()
     try:
         gpt = validate_config(config)  # before any device work: errors come first
         if distributed:
-            maybe_initialize_distributed()
+            maybe_initialize_distributed(**(distributed if isinstance(distributed, dict) else {}))
         mesh = mesh_lib.make_mesh(config.mesh)
         validate_mesh(config, gpt, mesh)
         corpus = data.load_corpus(config.data, gpt.vocab_size)
@@ -194,7 +206,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
         rep.log(f"model: {counts['total'] / 1e6:.2f}M parameters, "
                 f"{counts['active'] / 1e6:.2f}M active; MoE layers {list(gpt.moe_layers)}; "
                 f"mesh {dict(mesh.shape)}; {len(jax.devices())} "
-                f"{jax.devices()[0].platform} device(s); {flops_per_step / 1e9:.1f} GFLOP/step, "
+                f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); "
+                f"{flops_per_step / 1e9:.1f} GFLOP/step, "
                 f"measured peak {peak / 1e9:.0f} GFLOP/s")
         if start:
             rep.log(f"resumed from {mgr.directory}/{start} (data position "
@@ -224,7 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
             return loss
 
         rep = make_reporter(start)
-        preempt = _Preempted()
+        preempt = _Preempted(start)
         pending: Optional[tuple[int, Any]] = None
         val_loss = float("nan")
         step = start
@@ -263,7 +276,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, distributed: bool = 
                 step += 1
                 pending = (step, m)
                 out_of_time = config.max_time_s > 0 and time.time() - train_t0 > config.max_time_s
-                last = step == config.total_steps or out_of_time or preempt.flag
+                last = step == config.total_steps or preempt.stop(step, out_of_time)
                 if step % config.checkpoint_every == 0 or step % config.eval_every == 0 or last:
                     drain()  # never save or evaluate a state whose loss was not checked
                 if step % config.eval_every == 0 or last:

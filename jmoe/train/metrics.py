@@ -43,14 +43,14 @@ def measure_peak_flops(dtype: str = "float32", seconds: float = 0.5) -> float:
     a = jax.device_put(jnp.ones((n, n), dt) * 0.01, dev)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    reps, t0 = 0, time.perf_counter()
-    while True:
+    # The fastest single matmul: on a shared machine other processes slow some
+    # repetitions, and the peak is what the hardware can do, not the average.
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == float("inf"):
+        t0 = time.perf_counter()
         f(a).block_until_ready()
-        reps += 1
-        dt_s = time.perf_counter() - t0
-        if dt_s >= seconds and reps >= 3:
-            break
-    return 2.0 * n**3 * reps / dt_s * jax.local_device_count() * jax.process_count()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best * jax.local_device_count() * jax.process_count()
 
 
 def _scalar(x) -> float:
