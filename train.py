@@ -7,6 +7,8 @@ r"""Trains a GPT-MoE; the loop lives in jmoe/train/ (intentionally kept short).
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -16,6 +18,9 @@ config_flags.DEFINE_config_file("config", "configs/gpt_moe.py", "Config file[:va
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metrics "
                     "(default: runs/<config name>[_<variant>]).")
+flags.DEFINE_bool("gpu_overlap_flags", True, "On GPU, add the XLA flags for the latency-hiding "
+                  "scheduler and async collectives that the installed jaxlib supports "
+                  "(jmoe.sharding.xla_flags); nothing is added on CPU.")
 cli.define_distributed_flags()  # --coordinator_address etc.; SLURM needs none
 
 
@@ -27,6 +32,13 @@ def main(argv):
     from jmoe.train import ConfigError, NonFiniteLoss, run
 
     cli.config_file()
+    # Before anything starts a JAX backend: XLA reads its flags once.
+    from jmoe.sharding import xla_flags
+    xla_flags.configure_cpu_workarounds()
+    if flags.FLAGS.gpu_overlap_flags:
+        added = xla_flags.configure_gpu_overlap()
+        if added and os.environ.get("SLURM_PROCID", "0") == "0":
+            print("XLA flags for overlap: " + " ".join(added), flush=True)
     workdir = flags.FLAGS.workdir or cli.default_workdir(flags.FLAGS["config"].config_filename)
     user_errors = (ConfigError, NonFiniteLoss, DistributedError)
     try:

@@ -40,6 +40,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jmoe  # noqa: E402
+from jmoe.sharding.xla_flags import configure_cpu_workarounds  # noqa: E402
+
+configure_cpu_workarounds()  # before the first computation
 from jmoe import cost_model, hardware  # noqa: E402
 from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
 

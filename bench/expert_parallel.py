@@ -12,7 +12,9 @@ Rows (forward + backward via `jax.vjp` with a random cotangent):
   jmoe_capacity     jmoe's shard_map capacity path (explicit all_to_all)
   jmoe_dropless     jmoe's shard_map dropless path (ragged exchange; on CPU
                     the padded dense emulation, since XLA:CPU has no ragged
-                    all-to-all)
+                    all-to-all), with the default `ep_buckets`
+  jmoe_dropless_worst_case  the same with `ep_buckets=()`: every exchange
+                    sized for the worst case (all tokens to one device)
 
 Then bytes each device sends per all-to-all, against the analytic minimum
 T_local*K*D*bytes*(EP-1)/EP (uniform routing).
@@ -37,7 +39,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 import jmoe  # noqa: E402
 from jmoe import dispatch, experts, routing  # noqa: E402
-from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
+from jmoe.sharding import expert_parallel, make_mesh, moe_shardings  # noqa: E402
 
 
 def gspmd_capacity(cfg, mesh, groups):
@@ -88,18 +90,24 @@ def exchange_bytes(cfg, params, x, shards, ep):
     experts_TK = np.asarray(r.experts_TK)
     e_local = cfg.num_experts // ep
     item = x.dtype.itemsize * cfg.d_model
-    ragged = []
+    ragged, busiest = [], 0
     for s in range(shards):
         me = s % ep  # position on the expert axis (tokens go data-major)
         dest = experts_TK[s * t_local:(s + 1) * t_local] // e_local
         ragged.append(int(np.sum(dest != me)) * item)
+        busiest = max(busiest, int(np.bincount(dest.reshape(-1), minlength=ep).max()))
     a_local = t_local * cfg.top_k
     minimum = a_local * item * (ep - 1) / ep
     c_local = cfg.capacity(t_local)
+    # The dense emulation moves ep equal slots: the smallest bucket that holds
+    # the busiest (source, destination) pair, else one shard's assignments.
+    slot = next((b for b in expert_parallel.bucket_slots(cfg, a_local, ep) if b >= busiest),
+                a_local)
     return {
         "analytic_min_bytes": minimum,
         "dropless_ragged_bytes": float(np.mean(ragged)),
-        "dropless_dense_emulation_bytes": ep * a_local * item * (ep - 1) / ep,
+        "dropless_dense_emulation_bytes": ep * slot * item * (ep - 1) / ep,
+        "dropless_dense_worst_case_bytes": ep * a_local * item * (ep - 1) / ep,
         "capacity_bytes": cfg.num_experts * c_local * item * (ep - 1) / ep,
     }
 
@@ -137,6 +145,8 @@ def main(argv=None):
         "gspmd_capacity": (fwd_bwd(gspmd_capacity(cap, mesh, shards)), (ct, x, sharded)),
         "jmoe_capacity": (fwd_bwd(layer(cap, mesh)), (ct, x, sharded)),
         "jmoe_dropless": (fwd_bwd(layer(drop, mesh)), (ct, x, sharded)),
+        "jmoe_dropless_worst_case": (fwd_bwd(layer(drop.replace(ep_buckets=()), mesh)),
+                                     (ct, x, sharded)),
     }
     print(f"platform={jax.default_backend()} mesh data={a.data} expert={a.expert} "
           f"T={a.tokens} D={a.d_model} F={a.d_ff} E={a.experts} K={a.top_k} cf={a.cf}",

@@ -10,6 +10,12 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from jmoe.sharding.xla_flags import configure_cpu_workarounds
+
+# Benchmarks import this module before their first computation, so the flags
+# still apply (XLA reads them when the first backend starts).
+configure_cpu_workarounds()
+
 
 def time_interleaved(rows: Mapping[str, tuple[Callable, Sequence]], repeats: int,
                      log: Callable = print) -> dict:

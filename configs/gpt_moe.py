@@ -88,6 +88,7 @@ def _model(**kw) -> ml_collections.ConfigDict:
         a2a_hierarchy=0,  # devices per node for the two-level all-to-all (0: flat)
         ragged_impl="auto",  # dropless exchange: native ragged all-to-all | dense emulation
         ep_recv_factor=0.0,  # cap on the dropless receive buffer (0: worst case)
+        ep_buckets=(1.5, 3.0),  # smaller dropless buffers picked at run time (x balanced load)
         overlap_chunks=1,  # chunks of all-to-all/expert pipelining (Tutel overlap degree)
         collective_matmul=False,  # ring reduce-scatter for expert tensor parallelism
     )

@@ -61,6 +61,14 @@ class MoEConfig:
         ceil(ep_recv_factor * local assignments) rows per device; 0 sizes it
         for the worst case (every token to this device). Assignments that do
         not fit are dropped and reported in `dropped_fraction`, never silently.
+      ep_buckets: smaller dropless exchange buffers to try before the
+        worst-case one, as multiples of the balanced load per (source,
+        destination) device pair, T_local*K/EP rows. At run time every device
+        takes the smallest bucket that holds the busiest pair anywhere on the
+        mesh (one scalar all-reduce), so results equal the worst-case buffer's
+        and nothing drops; a balanced router moves and regroups ~1.5x the
+        minimum instead of EP x. Each bucket compiles one more copy of the
+        exchange and its local experts. () = always the worst-case buffer.
       overlap_chunks: splits each shard's dispatched tokens into this many
         chunks whose all-to-alls and expert compute are independent, so the
         scheduler can overlap chunk i+1's all-to-all with chunk i's experts
@@ -95,6 +103,7 @@ class MoEConfig:
     a2a_hierarchy: int = 0
     ragged_impl: str = "auto"
     ep_recv_factor: float = 0.0
+    ep_buckets: tuple = (1.5, 3.0)
     overlap_chunks: int = 1
     collective_matmul: bool = False
     dtype: str = "float32"
@@ -102,6 +111,8 @@ class MoEConfig:
 
     def __post_init__(self):
         self.validate()
+        # Hashable and canonical (configs arrive with lists from ml_collections).
+        object.__setattr__(self, "ep_buckets", tuple(float(f) for f in self.ep_buckets))
 
     def validate(self) -> None:
         """Raises ValueError naming the field, the value and the fix."""
@@ -125,12 +136,21 @@ class MoEConfig:
             _fail("a2a_hierarchy", self.a2a_hierarchy, "must be >= 0 (0 = flat all-to-all).")
         if self.ep_recv_factor < 0:
             _fail("ep_recv_factor", self.ep_recv_factor, "must be >= 0 (0 = worst-case buffer).")
+        b = self.ep_buckets
+        if not isinstance(b, (tuple, list)) or any(
+                not isinstance(f, (int, float)) or f < 1 for f in b) or list(b) != sorted(set(b)):
+            _fail("ep_buckets", b, "must be a tuple of increasing factors >= 1.0, e.g. "
+                  "(1.5, 3.0); () turns the buckets off.")
         if not isinstance(self.overlap_chunks, int) or self.overlap_chunks < 1:
             _fail("overlap_chunks", self.overlap_chunks, "must be an integer >= 1 (1 = no chunking).")
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k,
                   f"top_k cannot exceed num_experts={self.num_experts}; lower top_k "
                   "or add experts.")
+        if self.router == "softmax_topk" and self.top_k == 1 and self.renormalize:
+            _fail("renormalize", self.renormalize,
+                  "with top_k=1 the renormalised weight is always 1.0, so the router "
+                  "gets no gradient: set renormalize=False (or router='switch').")
         if self.router == "switch" and self.top_k != 1:
             _fail("top_k", self.top_k, "the 'switch' router is top-1: set top_k=1.")
         if self.router == "expert_choice" and self.dispatch != "capacity":

@@ -7,6 +7,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from jmoe.sharding.xla_flags import configure_cpu_workarounds  # noqa: E402
+
+configure_cpu_workarounds()  # before any backend starts (see its docstring)
+
 import jax  # noqa: E402  (imported after the flag on purpose)
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -125,8 +125,9 @@ def _numpy_ragged_all_to_all(operands, outputs, in_off, send, out_off, recv):
     return outs
 
 
-@pytest.mark.parametrize("hierarchy", [0, 2])
-def test_dense_ragged_all_to_all_matches_documented_semantics(hierarchy):
+@pytest.mark.parametrize("hierarchy,slot_rows", [(0, None), (2, None), (0, 4), (2, 4)])
+def test_dense_ragged_all_to_all_matches_documented_semantics(hierarchy, slot_rows):
+    # slot_rows=4: per-pair buffers exactly as long as the longest slice.
     n, rows, out_rows = 4, 6, 10
     rng = np.random.default_rng(0)
     # send[i][j]: rows device i sends to j (zeros included); contiguous slices.
@@ -147,13 +148,51 @@ def test_dense_ragged_all_to_all_matches_documented_semantics(hierarchy):
 
     def body(op, out, io, ss, oo, rs):
         got = expert_parallel.ragged_all_to_all_dense(
-            op[0], out[0], io[0], ss[0], oo[0], rs[0], ep=4, hierarchy=hierarchy)
+            op[0], out[0], io[0], ss[0], oo[0], rs[0], ep=4, hierarchy=hierarchy,
+            slot_rows=slot_rows)
         return got[None]
 
     spec = P("expert")
     fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec))
     got = fn(operands, outputs, in_off, send, out_off, recv)
     np.testing.assert_array_equal(np.asarray(got), np.stack(expect))
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_ep_buckets_pick_the_smallest_fitting_exchange(monkeypatch, skewed):
+    """A balanced router runs in the small bucket, an all-to-one router in the
+    worst-case buffer (seen at run time from inside the branch taken), and
+    both equal the bucket-free layer, forward and gradients."""
+    seen = []
+    inner = expert_parallel._exchange_and_run
+
+    def spy(buf, w, cfg, ep, tp, rows, *rest):
+        jax.debug.callback(lambda: seen.append(rows))  # runs only in the branch taken
+        return inner(buf, w, cfg, ep, tp, rows, *rest)
+
+    monkeypatch.setattr(expert_parallel, "_exchange_and_run", spy)
+    tokens = 512
+    cfg = _cfg(dispatch="dropless", router="sigmoid_topk", top_k=1, ep_buckets=(3.0,))
+    params, bias = _all_to_one_expert(cfg)
+    if not skewed:
+        bias = jnp.zeros_like(bias)
+    x = jax.random.normal(jax.random.key(1), (tokens, D))
+    ct = jax.random.normal(jax.random.key(2), x.shape)
+    mesh = make_mesh(data=1, expert=8)
+
+    def run(c):
+        f = lambda p, x: jmoe.moe_apply(p, x, c, bias=bias, mesh=mesh)[0]
+        y, vjp = jax.vjp(f, params, x)
+        return y, vjp(ct)
+
+    got = jax.jit(lambda: run(cfg))()
+    jax.effects_barrier()
+    num_a = tokens // 8  # assignments per shard (top-1)
+    slot = expert_parallel.bucket_slots(cfg, num_a, 8)
+    assert slot == [3 * num_a // 8]
+    assert set(seen) == {8 * num_a if skewed else 8 * slot[0]}, seen
+    want = jax.jit(lambda: run(cfg.replace(ep_buckets=())))()
+    _assert_tree_close(got, want)
 
 
 def test_sharded_init_holds_only_local_experts():

@@ -117,6 +117,26 @@ def test_chunks_are_ordered_on_cpu():
     text = str(jax.make_jaxpr(lambda p, x: jmoe.moe_apply(
         p, x, cfg, mesh=make_mesh(data=1, expert=8))[0])(params, jnp.zeros((T, D))))
     assert "optimization_barrier" in text
+    # The backward pass is ordered too (reverse order): its own barriers.
+    grad_text = str(jax.make_jaxpr(jax.grad(lambda p, x: jnp.sum(jmoe.moe_apply(
+        p, x, cfg, mesh=make_mesh(data=1, expert=8))[0])))(params, jnp.zeros((T, D))))
+    assert grad_text.count("optimization_barrier") >= 2
+
+
+def test_chunked_dropless_backward_at_a_size_that_crashed_xla_cpu():
+    """jaxlib 0.10.2's XLA:CPU segfaulted in this backward pass (a YNNPACK
+    fusion bug); tests/conftest.py applies the same workaround flags as
+    train.py, so this runs and equals the unchunked layer."""
+    cfg = jmoe.MoEConfig(d_model=256, d_ff=256, num_experts=8, top_k=2, activation="gelu")
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (2048, 256))
+    mesh = make_mesh(data=1, expert=8)
+    ref = _run(cfg, mesh, params, x, x)
+    got = _run(cfg.replace(overlap_chunks=2), mesh, params, x, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5,
+                                   atol=1e-5 * float(np.max(np.abs(b)) if b.size else 0) + 1e-7)
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])

@@ -245,3 +245,25 @@ def test_cli_errors_exit_nonzero_with_one_clear_line(tmp_path, args, needle):
     assert lines, res.stderr
     assert "Traceback" not in res.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_train_py_sets_gpu_flags_before_jax_starts(tmp_path):
+    """XLA reads XLA_FLAGS once, when the first backend starts: train.py must
+    call configure_gpu_overlap() before that (here forced to record the state,
+    then stopped by a config error before any compile)."""
+    script = f"""
+import runpy, sys
+from jax._src import xla_bridge
+import jmoe.sharding.xla_flags as xf
+def probe(*a, **k):
+    print("BACKENDS_STARTED", xla_bridge.backends_are_initialized(), flush=True)
+    return []
+xf.configure_gpu_overlap = xf.configure_cpu_workarounds = probe
+sys.argv = ["train.py", "--config", {os.path.join(ROOT, "configs", "gpt_moe.py")!r},
+            "--workdir", {str(tmp_path)!r}, "--config.model.top_k=99"]
+runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")
+"""
+    res = subprocess.run([sys.executable, "-c", script], env=subprocess_env(),
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 1, res.stderr
+    assert res.stdout.count("BACKENDS_STARTED False") == 2, res.stdout + res.stderr

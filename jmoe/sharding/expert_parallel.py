@@ -88,30 +88,32 @@ def all_to_all(x: jax.Array, ep: int, hierarchy: int = 0) -> jax.Array:
 
 
 def ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_offsets,
-                            recv_sizes, *, ep: int, hierarchy: int = 0):
+                            recv_sizes, *, ep: int, hierarchy: int = 0,
+                            slot_rows: Optional[int] = None):
     """`lax.ragged_all_to_all` over `expert`, built from a padded dense all-to-all.
 
     Same semantics: to every peer j this device sends
     `operand[input_offsets[j] : input_offsets[j] + send_sizes[j]]`, which
     lands in peer j's `output` at `output_offsets[j]`; from peer j it receives
     `recv_sizes[j]` rows. Rows of `output` nobody writes keep their value.
-    Each peer's slice travels in a buffer of `operand.shape[0]` rows, so this
-    sends `ep * rows` rows per device: use it where no native op exists.
+    Each peer's slice travels in a buffer of `slot_rows` rows (default
+    `operand.shape[0]`, which fits any slice), so this sends `ep * slot_rows`
+    rows per device; a smaller `slot_rows` is the caller's promise that no
+    slice, sent or received, is longer.
     """
-    n = operand.shape[0]
+    n = operand.shape[0] if slot_rows is None else slot_rows
     rows = jnp.arange(n, dtype=jnp.int32)
     valid_PN = rows[None, :] < send_sizes[:, None]
-    idx_PN = jnp.where(valid_PN, input_offsets[:, None] + rows[None, :], n)
+    src_end = operand.shape[0]
+    idx_PN = jnp.where(valid_PN, input_offsets[:, None] + rows[None, :], src_end)
     padded = jnp.concatenate([operand, jnp.zeros((1,) + operand.shape[1:], operand.dtype)])
     send = padded[idx_PN]                                       # [ep, n, ...]
     recv = all_to_all(send.reshape((ep * n,) + operand.shape[1:]), ep, hierarchy)
-    recv = recv.reshape(send.shape)
     # Where each source wants its slice placed in our output (sender's view).
     dest_off = all_to_all(output_offsets, ep, hierarchy)
     ok_PN = rows[None, :] < recv_sizes[:, None]
     dest_PN = jnp.where(ok_PN, dest_off[:, None] + rows[None, :], output.shape[0])
-    return output.at[dest_PN.reshape(-1)].set(
-        recv.reshape((ep * n,) + operand.shape[1:]), mode="drop")
+    return output.at[dest_PN.reshape(-1)].set(recv, mode="drop")
 
 
 def _exclusive_cumsum(x, axis=-1):
@@ -126,10 +128,11 @@ def _ragged_impl(cfg: MoEConfig) -> str:
     return "native" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "dense"
 
 
-def _ragged(cfg: MoEConfig, ep: int, *args):
+def _ragged(cfg: MoEConfig, ep: int, *args, slot_rows: Optional[int] = None):
     if _ragged_impl(cfg) == "native":
         return lax.ragged_all_to_all(*args, axis_name="expert")
-    return ragged_all_to_all_dense(*args, ep=ep, hierarchy=cfg.a2a_hierarchy)
+    return ragged_all_to_all_dense(*args, ep=ep, hierarchy=cfg.a2a_hierarchy,
+                                   slot_rows=slot_rows)
 
 
 def recv_buffer_rows(cfg: MoEConfig, local_assignments: int, ep: int) -> int:
@@ -138,6 +141,18 @@ def recv_buffer_rows(cfg: MoEConfig, local_assignments: int, ep: int) -> int:
     if cfg.ep_recv_factor > 0:
         return max(1, min(worst, math.ceil(cfg.ep_recv_factor * local_assignments)))
     return worst
+
+
+def bucket_slots(cfg: MoEConfig, local_assignments: int, ep: int) -> list:
+    """Per-pair slot sizes of the `ep_buckets` exchanges, smallest first: only
+    those whose receive buffer (ep * slot) is smaller than the fallback's."""
+    fallback = recv_buffer_rows(cfg, local_assignments, ep)
+    out = []
+    for f in cfg.ep_buckets:
+        slot = -(-math.ceil(f * local_assignments / ep) // 8) * 8  # multiple of 8 rows
+        if ep * slot < fallback and slot < local_assignments and slot not in out:
+            out.append(slot)
+    return out
 
 
 def _row_local_expert(recv_off_P, counts_PE, num_rows):
@@ -149,9 +164,17 @@ def _row_local_expert(recv_off_P, counts_PE, num_rows):
     return jnp.where(block_R < p * e_local, block_R % e_local, e_local).astype(jnp.int32)
 
 
-def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool):
+def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool,
+                       mesh_axes: tuple = ("expert",)):
     """Sends expert-sorted rows to their experts' devices, runs them, brings
-    them back. Returns (y_AD in the same row order, dropped count)."""
+    them back. Returns (y_AD in the same row order, dropped count).
+
+    With `cfg.ep_buckets`, the exchange runs in the smallest bucket that
+    holds the busiest (source, destination) pair on the whole mesh, chosen at
+    run time by `lax.switch` (every device picks the same branch: the choice
+    comes from a max over `mesh_axes`); the worst-case (or capped) buffer is
+    the last branch. The branches compute the same result.
+    """
     e_local = cfg.num_experts // ep
     num_a = buf_AD.shape[0]
     send_counts_PE = counts_E.reshape(ep, e_local).astype(jnp.int32)
@@ -161,22 +184,54 @@ def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool):
     recv_sizes_P = jnp.sum(recv_counts_PE, axis=1)
     recv_off_P = _exclusive_cumsum(recv_sizes_P)
     rows = recv_buffer_rows(cfg, num_a, ep)
-    dropped = jnp.zeros((), jnp.int32)
-    if rows < ep * num_a:
-        # Capped buffer: each source keeps what fits, in source order; the
-        # senders learn how much was accepted and count the rest as dropped.
-        accepted_P = jnp.clip(rows - recv_off_P, 0, recv_sizes_P)
-        first_PE = _exclusive_cumsum(recv_counts_PE, axis=1)
-        recv_counts_PE = jnp.clip(accepted_P[:, None] - first_PE, 0, recv_counts_PE)
-        recv_sizes_P = accepted_P
-        sent_ok_P = all_to_all(accepted_P, ep, cfg.a2a_hierarchy)
-        dropped = jnp.sum(send_sizes_P - sent_ok_P).astype(jnp.int32)
-        send_sizes_P = sent_ok_P
+    slots = bucket_slots(cfg, num_a, ep)
+
+    def fallback(buf_AD, w):
+        r_counts_PE, r_sizes_P, s_sizes_P = recv_counts_PE, recv_sizes_P, send_sizes_P
+        dropped = jnp.zeros((), jnp.int32)
+        if rows < ep * num_a:
+            # Capped buffer: each source keeps what fits, in source order; the
+            # senders learn how much was accepted and count the rest as dropped.
+            accepted_P = jnp.clip(rows - recv_off_P, 0, recv_sizes_P)
+            first_PE = _exclusive_cumsum(recv_counts_PE, axis=1)
+            r_counts_PE = jnp.clip(accepted_P[:, None] - first_PE, 0, recv_counts_PE)
+            r_sizes_P = accepted_P
+            sent_ok_P = all_to_all(accepted_P, ep, cfg.a2a_hierarchy)
+            dropped = jnp.sum(send_sizes_P - sent_ok_P).astype(jnp.int32)
+            s_sizes_P = sent_ok_P
+        # No pair moves more than one shard's assignments (or the cap).
+        y = _exchange_and_run(buf_AD, w, cfg, ep, tp, rows, min(num_a, rows), r_counts_PE,
+                              r_sizes_P, s_sizes_P, in_off_P, recv_off_P)
+        return y, dropped
+
+    if not slots:
+        return fallback(buf_AD, w)
+
+    def bucket(slot):
+        def run(buf_AD, w):
+            y = _exchange_and_run(buf_AD, w, cfg, ep, tp, ep * slot, slot, recv_counts_PE,
+                                  recv_sizes_P, send_sizes_P, in_off_P, recv_off_P)
+            return y, jnp.zeros((), jnp.int32)
+        return run
+
+    # Same on every device: the busiest pair anywhere (received = sent).
+    busiest = lax.pmax(jnp.max(send_sizes_P), mesh_axes)
+    branch = jnp.sum(busiest > jnp.asarray(slots, jnp.int32)).astype(jnp.int32)
+    with jax.named_scope("ep_buckets"):
+        return lax.switch(branch, [bucket(s_) for s_ in slots] + [fallback], buf_AD, w)
+
+
+def _exchange_and_run(buf_AD, w, cfg: MoEConfig, ep: int, tp: bool, rows: int, slot,
+                      recv_counts_PE, recv_sizes_P, send_sizes_P, in_off_P, recv_off_P):
+    """Dispatch exchange into a `rows`-row receive buffer, the local experts,
+    and the combine exchange back (no slice longer than `slot` rows).
+    Returns y_AD."""
+    e_local = cfg.num_experts // ep
     out_off_P = all_to_all(recv_off_P, ep, cfg.a2a_hierarchy)
     zeros = varying_like(jnp.zeros((rows,) + buf_AD.shape[1:], buf_AD.dtype), buf_AD)
     with jax.named_scope("all_to_all_dispatch"):
         recv_RD = _ragged(cfg, ep, buf_AD, zeros, in_off_P, send_sizes_P, out_off_P,
-                          recv_sizes_P)
+                          recv_sizes_P, slot_rows=slot)
     with jax.named_scope("local_experts"):
         expert_R = _row_local_expert(recv_off_P, recv_counts_PE, rows)
         # Group the received rows by local expert; unfilled rows form a last
@@ -192,28 +247,50 @@ def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool):
         y_RD = dispatch.unpermute(y, ones, lplan.slot_TK, lplan.src_R)
     back_off_P = all_to_all(in_off_P, ep, cfg.a2a_hierarchy)
     with jax.named_scope("all_to_all_combine"):
-        y_AD = _ragged(cfg, ep, y_RD, jnp.zeros_like(buf_AD), recv_off_P, recv_sizes_P,
-                       back_off_P, send_sizes_P)
-    return y_AD, dropped
+        return _ragged(cfg, ep, y_RD, jnp.zeros_like(buf_AD), recv_off_P, recv_sizes_P,
+                       back_off_P, send_sizes_P, slot_rows=slot)
 
 
 def serialize_chunks() -> bool:
     """Whether chunk i+1 must wait for chunk i (XLA:CPU only).
 
-    XLA:CPU may run independent collectives concurrently in different orders
-    on different devices, which crashed the process (segfault in jaxlib 0.10,
-    seen with two dropless chunks on 8 CPU devices). CPU collectives are
-    synchronous anyway, so ordering the chunks there loses no overlap.
+    XLA:CPU runs collectives synchronously, so overlapping chunks gains
+    nothing there; ordering them keeps every device's sequence of collectives
+    the same, forward and backward. (A segfault first blamed on unordered
+    chunks turned out to be a YNNPACK fusion bug: see
+    `jmoe.sharding.xla_flags.CPU_WORKAROUND_FLAGS`.)
     """
     return jax.default_backend() == "cpu"
 
 
 def after(x, dep):
-    """`x`, made to depend on `dep` when chunks are serialized (identity values)."""
+    """`x`, made to depend on `dep` when chunks are serialized (identity values).
+
+    The order holds in the backward pass too, reversed: the cotangent that
+    flows to `dep` (a zero) is only available once `x`'s cotangent is, so
+    chunk i's backward waits for chunk i+1's.
+    """
     if not serialize_chunks():
         return x
+    return _ordered(x, dep)
+
+
+@jax.custom_vjp
+def _ordered(x, dep):
     x, _ = lax.optimization_barrier((x, dep))
     return x
+
+
+def _ordered_fwd(x, dep):
+    return _ordered(x, dep), jax.tree.map(jnp.zeros_like, dep)
+
+
+def _ordered_bwd(zero_dep, ct_x):
+    ct_dep, ct_x = lax.optimization_barrier((zero_dep, ct_x))
+    return ct_x, ct_dep
+
+
+_ordered.defvjp(_ordered_fwd, _ordered_bwd)
 
 
 def chunk_bounds(size: int, chunks: int) -> list:
@@ -326,7 +403,7 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
             x, xr, w_DE, cfg, bias,
             capacity_experts=functools.partial(_capacity_exchange, w=w, cfg=cfg, ep=ep, tp=tp),
             dropless_experts=lambda buf, counts: _dropless_exchange(
-                buf, counts, w, cfg, ep, tp),
+                buf, counts, w, cfg, ep, tp, names),
             # Rows are sorted per global expert before the exchange; the
             # receiving side pads to `group_align` when it regroups them.
             dropless_align=1)
