@@ -267,3 +267,14 @@ runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 1, res.stderr
     assert res.stdout.count("BACKENDS_STARTED False") == 2, res.stdout + res.stderr
+
+
+def test_resume_check_compares_the_model_not_how_it_runs():
+    config = tiny_config()
+    saved = json.loads(json.dumps(config.model.to_dict()))  # as the checkpoint stores it
+    loop._check_same_model(saved, config)  # tuples came back as lists: still the same
+    config.model.overlap_chunks = 2  # an execution knob: resuming with it is fine
+    loop._check_same_model(saved, config)
+    config.model.d_model = 2 * config.model.d_model
+    with pytest.raises(ValueError, match="config.model.d_model"):
+        loop._check_same_model(saved, config)

@@ -110,4 +110,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from jmoe.sharding.xla_flags import configure_cpu_workarounds
+    configure_cpu_workarounds()  # before the first computation
     app.run(main)

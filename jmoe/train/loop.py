@@ -95,10 +95,22 @@ def validate_mesh(config, gpt: model_lib.GPTConfig, mesh) -> None:
               f"{mesh.shape['expert']}.")
 
 
+# How the model runs, not what it computes: free to change between runs of
+# one workdir (like the mesh).
+EXECUTION_FIELDS = frozenset({
+    "gmm_backend", "a2a_hierarchy", "ragged_impl", "ep_buckets", "overlap_chunks",
+    "collective_matmul", "lancet_chunks", "remat"})
+
+
+def _canonical(v):
+    # The checkpoint stores the config as JSON: tuples come back as lists.
+    return [_canonical(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def _check_same_model(saved: dict, config) -> None:
     now = config.model.to_dict()
-    for k in sorted(set(saved) | set(now)):
-        if saved.get(k) != now.get(k):
+    for k in sorted((set(saved) | set(now)) - EXECUTION_FIELDS):
+        if _canonical(saved.get(k)) != _canonical(now.get(k)):
             raise ValueError(
                 f"config.model.{k}={now.get(k)!r} differs from the checkpoint in this workdir "
                 f"({saved.get(k)!r}): use a new --workdir, or the checkpoint's value.")
