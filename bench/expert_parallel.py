@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 import jmoe  # noqa: E402
 from jmoe import dispatch, experts, routing  # noqa: E402
-from jmoe.sharding import expert_parallel, make_mesh, moe_shardings  # noqa: E402
+from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
 
 
 def gspmd_capacity(cfg, mesh, groups):
@@ -101,7 +101,7 @@ def exchange_bytes(cfg, params, x, shards, ep):
     c_local = cfg.capacity(t_local)
     # The dense emulation moves ep equal slots: the smallest bucket that holds
     # the busiest (source, destination) pair, else one shard's assignments.
-    slot = next((b for b in expert_parallel.bucket_slots(cfg, a_local, ep) if b >= busiest),
+    slot = next((b for b in cfg.ep_bucket_slots(a_local, ep) if b >= busiest),
                 a_local)
     return {
         "analytic_min_bytes": minimum,

@@ -146,7 +146,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Mesh sizes; one may be -1 (the remaining devices). Tokens are sharded
     # over ('data', 'expert'), expert weights over 'expert' (E) and 'tensor' (F).
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1, expert=1, tensor=1,
+        fsdp=False,  # ZeRO-3: also shard parameters and Adam moments over 'data'
+    ))
 
     if variant == "small":
         c.model.update(d_model=512, num_layers=8, num_heads=8, num_experts=16, top_k=2,

@@ -61,14 +61,17 @@ class MoEConfig:
         ceil(ep_recv_factor * local assignments) rows per device; 0 sizes it
         for the worst case (every token to this device). Assignments that do
         not fit are dropped and reported in `dropped_fraction`, never silently.
-      ep_buckets: smaller dropless exchange buffers to try before the
-        worst-case one, as multiples of the balanced load per (source,
-        destination) device pair, T_local*K/EP rows. At run time every device
-        takes the smallest bucket that holds the busiest pair anywhere on the
-        mesh (one scalar all-reduce), so results equal the worst-case buffer's
-        and nothing drops; a balanced router moves and regroups ~1.5x the
-        minimum instead of EP x. Each bucket compiles one more copy of the
-        exchange and its local experts. () = always the worst-case buffer.
+      ep_buckets: with the dense emulation of the ragged all-to-all (CPU, or
+        a two-level all-to-all), smaller dropless exchange buffers to try
+        before the worst-case one, as multiples of the balanced load per
+        (source, destination) device pair, T_local*K/EP rows. At run time
+        every device takes the smallest bucket that holds the busiest pair
+        anywhere on the mesh (one scalar all-reduce), so results equal the
+        worst-case buffer's and nothing drops; a balanced router moves and
+        regroups ~1.5x the minimum instead of EP x. Each bucket compiles one
+        more copy of the exchange, which is recomputed in the backward pass
+        (rematerialised). () = always the worst-case buffer. The native
+        ragged all-to-all (GPU) ignores it: it moves only the real rows.
       overlap_chunks: splits each shard's dispatched tokens into this many
         chunks whose all-to-alls and expert compute are independent, so the
         scheduler can overlap chunk i+1's all-to-all with chunk i's experts
@@ -193,6 +196,26 @@ class MoEConfig:
         """Slots per expert for `num_tokens` tokens (a static Python int)."""
         c = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
         return max(c, self.min_capacity, 1)
+
+    def recv_buffer_rows(self, local_assignments: int, ep: int) -> int:
+        """Rows of the dropless receive buffer on `ep` expert-parallel devices
+        when each shard has `local_assignments` (T_local*K): the worst case
+        (every assignment to one device), or the `ep_recv_factor` cap."""
+        worst = ep * local_assignments
+        if self.ep_recv_factor > 0:
+            return max(1, min(worst, math.ceil(self.ep_recv_factor * local_assignments)))
+        return worst
+
+    def ep_bucket_slots(self, local_assignments: int, ep: int) -> list:
+        """Per-pair slot rows of the `ep_buckets` exchanges, smallest first
+        (multiples of 8); only those smaller than the fallback buffer."""
+        fallback = self.recv_buffer_rows(local_assignments, ep)
+        out = []
+        for f in self.ep_buckets:
+            slot = -(-math.ceil(f * local_assignments / ep) // 8) * 8
+            if ep * slot < fallback and slot < local_assignments and slot not in out:
+                out.append(slot)
+        return out
 
     @property
     def shared_hidden(self) -> int:

@@ -51,9 +51,12 @@ ASSUMPTIONS = (
     "chunk i's experts), and only where collectives are asynchronous (GPU). "
     "Gradient all-reduces overlap the backward pass of the last micro-batch.",
     "The dropless path uses lax.ragged_all_to_all (actual rows) on GPU without a "
-    "hierarchy, and the padded dense emulation (ep x the rows) on CPU or with "
-    "a2a_hierarchy > 1, exactly as jmoe.sharding.expert_parallel does; its "
-    "receive buffer holds ep_recv_factor x (or ep x) the local assignments.",
+    "hierarchy, and the padded dense emulation (ep slots of the chosen bucket) on CPU or with "
+    "a2a_hierarchy > 1, exactly as jmoe.sharding.expert_parallel does; the "
+    "exchange runs in the smallest ep_buckets slot that holds the expected busiest "
+    "(source, destination) pair (binomial mean + sqrt(2 ln ep^2) standard deviations), "
+    "else in the fallback receive buffer of ep_recv_factor x (or ep x) the local "
+    "assignments.",
     "Capacity drops are estimated per shard and expert with a normal "
     "approximation of the binomial token counts around the load distribution.",
     "Memory: parameters, gradients and both Adam moments in param_dtype, plus a "
@@ -227,6 +230,15 @@ def recv_drop_fraction(load_E: Sequence[float], ep: int, assignments: int,
         n = ep * assignments
         lost += _expected_excess(n * q, n * q * (1 - q), recv_rows)
     return min(1.0, lost / (ep * assignments))
+
+
+def busiest_pair_rows(load_E: Sequence[float], ep: int, assignments: float) -> float:
+    """Expected rows of the busiest (source shard, destination device) pair
+    when each of ep sources sends `assignments` rows: per device the binomial
+    mean plus the expected maximum of ep*ep normal deviates (sqrt(2 ln n))."""
+    z = math.sqrt(2.0 * math.log(max(2, ep * ep)))
+    return max(assignments * q + z * math.sqrt(assignments * q * (1.0 - q))
+               for q in device_loads(load_E, ep))
 
 
 # ------------------------------------------------------------ layer costs --
@@ -424,28 +436,38 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
                   and moe.ragged_impl in ("auto", "native"))
         if moe.ragged_impl == "dense":
             native = False
-        recv = ep * a_c
-        if moe.ep_recv_factor > 0:
-            recv = max(1, min(recv, math.ceil(moe.ep_recv_factor * a_c)))
-        drop = recv_drop_fraction(load, ep, int(a_c), int(recv))
-        rows_dev = min(recv, a_c * hot)  # real rows on the hottest device
-        # Receive side: group the `recv` buffer rows by local expert (padded
-        # to group_align): a sort, then permute / un-permute over all of them.
-        rrows = recv + (el + 1) * (moe.group_align - 1)
-        regroup = prim.sort(recv) + prim.mem(recv * 4 * 8, kernels=4)
-        regroup_mv = prim.gather(2 * rrows * d * b) + prim.gather(2 * (rrows + recv) * d * b)
-        # Counts and offsets: three small all-to-alls, two more per dense call.
+        recv = moe.recv_buffer_rows(int(a_c), ep)
+        # The bucket every device runs: the smallest that holds the busiest
+        # (source, destination) pair of the mesh, else the fallback buffer.
+        busiest = busiest_pair_rows(load, ep, a_c)
+        slots = [] if native else moe.ep_bucket_slots(int(a_c), ep)
+        slot = next((s_ for s_ in slots if s_ >= busiest), None)
+        bucketed = slot is not None
+        if slot is None:
+            buf, slot = recv, min(a_c, recv)
+            drop = recv_drop_fraction(load, ep, int(a_c), int(recv))
+        else:
+            buf, drop = ep * slot, 0.0
+        rows_dev = min(buf, a_c * hot)  # real rows on the hottest device
+        # Receive side: group the `buf` rows by local expert (padded to
+        # group_align): a sort, then permute / un-permute over all of them.
+        rrows = buf + (el + 1) * (moe.group_align - 1)
+        regroup = prim.sort(buf) + prim.mem(buf * 4 * 8, kernels=4)
+        regroup_mv = prim.gather(2 * rrows * d * b) + prim.gather(2 * (rrows + buf) * d * b)
+        # Counts and offsets: three small all-to-alls, two more per dense
+        # call, and the scalar all-reduce that picks the bucket.
         small = all_to_all_time(ep * 4 * max(1, el), ep, hw, moe.a2a_hierarchy)["time"]
-        add("a2a_counts", "comm", n_core * small * (3 if native else 5), 0.0)
+        picks = small if slots else 0.0
+        add("a2a_counts", "comm", n_core * (small * (3 if native else 5) + picks), 0.0)
         if native:
             # Actual rows: the hottest device receives (and sends back) most.
             v_in = v_out = max(a_c, a_c * hot) * d * b
             move = move_b = 0.0
         else:
-            # Dense emulation: every peer's slice padded to the operand's rows:
-            # ep x a_c rows out, ep x recv rows back; a gather builds each send
-            # buffer and a scatter places what arrives (transposed in backward).
-            v_in, v_out = ep * a_c * d * b, ep * recv * d * b
+            # Dense emulation: every peer's slice travels in a slot of `slot`
+            # rows, both ways; a gather builds each send buffer and a scatter
+            # places what arrives (transposed in backward).
+            v_in = v_out = ep * slot * d * b
             # Per dense call on an operand of n rows and a v-byte send buffer:
             # forward: copy the operand (+1 zero row), gather v, scatter v
             # into a zeroed output; backward: gather v (cotangent at the
@@ -456,16 +478,24 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
                 bwd = (prim.gather(2 * vb) + prim.scatter(vb + out_rows * d * b)
                        + prim.scatter(2 * vb + n_rows * d * b) + prim.mem(2 * n_rows * d * b))
                 return fwd, bwd
-            f1, b1 = dense_call(v_in, a_c, recv)
-            f2, b2 = dense_call(v_out, recv, a_c)
+            f1, b1 = dense_call(v_in, a_c, buf)
+            f2, b2 = dense_call(v_out, buf, a_c)
             move, move_b = f1 + f2, b1 + b2
         comm_in, comm_out = a2a(v_in), a2a(v_out)
         c_f, c_b = _expert_compute(rows_dev + el * (moe.group_align - 1) / 2, el, d, f,
                                    mats, prim)
         c_f += regroup + regroup_mv + move
         c_b += regroup_mv + move_b
+        if bucketed:
+            # The bucket runs rematerialised: its forward (exchanges
+            # included) again in the backward pass.
+            c_b += c_f + a2a(v_in) + a2a(v_out)
         exch_rows = rows_dev
-        detail.update(recv_rows=recv, rows_per_device=rows_dev * n_core,
+        # Every branch of the bucket switch keeps its own buffers in the
+        # compiled step: memory holds them all.
+        held = recv + ep * sum(slots)
+        detail.update(recv_rows=held, exchange_buffer_rows=buf,
+                      rows_per_device=rows_dev * n_core,
                       ragged="native" if native else "dense-emulation")
         n = n_core
         v = v_in

@@ -237,7 +237,9 @@ def test_plan_cli_worked_example_prints_the_breakdown():
                  "all-to-all share of step", "a2a_dispatch", "experts", "attn_core"):
         assert line in text, line
     best, cur = result["best"], result["current"]
-    assert best.time <= cur.time
+    # The plan is never slower than the shipped config, unless that one does
+    # not fit in memory (then the plan is the fastest one that does).
+    assert best.time <= cur.time or cur.memory["total"] > H100.mem_bytes
     assert best.memory["total"] <= H100.mem_bytes  # bf16 params fit after planning
     assert best.drop_fraction <= 0.01
 

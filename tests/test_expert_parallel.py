@@ -1,5 +1,7 @@
 """Expert parallelism on 8 CPU devices equals the single-device layer."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,7 +190,7 @@ def test_ep_buckets_pick_the_smallest_fitting_exchange(monkeypatch, skewed):
     got = jax.jit(lambda: run(cfg))()
     jax.effects_barrier()
     num_a = tokens // 8  # assignments per shard (top-1)
-    slot = expert_parallel.bucket_slots(cfg, num_a, 8)
+    slot = cfg.ep_bucket_slots(num_a, 8)
     assert slot == [3 * num_a // 8]
     assert set(seen) == {8 * num_a if skewed else 8 * slot[0]}, seen
     want = jax.jit(lambda: run(cfg.replace(ep_buckets=())))()
@@ -218,6 +220,21 @@ def test_expert_tensor_parallel_equals_single_device():
         ref = _fwd_bwd(c, params, x, ct, None)
         got = _fwd_bwd(c, params, x, ct, make_mesh(data=1, expert=4, tensor=2))
         _assert_tree_close(got, ref)
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_expert_tensor_parallel_reduce_scatters_before_the_combine(dispatch):
+    """psum over `tensor` = reduce-scatter + all-gather, with the combine
+    all-to-all between them moving D/tp columns."""
+    cfg = _cfg(dispatch=dispatch, ep_buckets=())
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    mesh = make_mesh(data=1, expert=4, tensor=2)
+    text = jax.jit(lambda p, x: jmoe.moe_apply(p, x, cfg, mesh=mesh)[0]).trace(
+        params, jnp.zeros((T, D))).lower().as_text()
+    assert "reduce_scatter" in text and "all_gather" in text
+    assert "stablehlo.all_reduce" not in text.split("reduce_scatter")[1]  # no psum after it
+    a2a_widths = {int(m) for m in re.findall(r"all_to_all.*?x(\d+)xf32>", text)}
+    assert D // 2 in a2a_widths and D in a2a_widths  # combine half width, dispatch full
 
 
 def test_native_ragged_branch_lowers_for_cuda():

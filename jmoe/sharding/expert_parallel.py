@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from jmoe import dispatch, experts
 from jmoe.config import MoEConfig
-from jmoe.vma import varying_like
+from jmoe.vma import varying_axes, varying_like
 from jmoe.sharding import collective_matmul, specs
 from jmoe.sharding.mesh import axis_size
 
@@ -135,26 +135,6 @@ def _ragged(cfg: MoEConfig, ep: int, *args, slot_rows: Optional[int] = None):
                                    slot_rows=slot_rows)
 
 
-def recv_buffer_rows(cfg: MoEConfig, local_assignments: int, ep: int) -> int:
-    """Rows of the dropless receive buffer: worst case, or the user's cap."""
-    worst = ep * local_assignments
-    if cfg.ep_recv_factor > 0:
-        return max(1, min(worst, math.ceil(cfg.ep_recv_factor * local_assignments)))
-    return worst
-
-
-def bucket_slots(cfg: MoEConfig, local_assignments: int, ep: int) -> list:
-    """Per-pair slot sizes of the `ep_buckets` exchanges, smallest first: only
-    those whose receive buffer (ep * slot) is smaller than the fallback's."""
-    fallback = recv_buffer_rows(cfg, local_assignments, ep)
-    out = []
-    for f in cfg.ep_buckets:
-        slot = -(-math.ceil(f * local_assignments / ep) // 8) * 8  # multiple of 8 rows
-        if ep * slot < fallback and slot < local_assignments and slot not in out:
-            out.append(slot)
-    return out
-
-
 def _row_local_expert(recv_off_P, counts_PE, num_rows):
     """Local expert of each received row (rows come ordered by source, then
     expert); `E_local` marks rows nobody filled."""
@@ -169,7 +149,7 @@ def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool,
     """Sends expert-sorted rows to their experts' devices, runs them, brings
     them back. Returns (y_AD in the same row order, dropped count).
 
-    With `cfg.ep_buckets`, the exchange runs in the smallest bucket that
+    With `cfg.ep_buckets` and the dense emulation, the exchange runs in the smallest bucket that
     holds the busiest (source, destination) pair on the whole mesh, chosen at
     run time by `lax.switch` (every device picks the same branch: the choice
     comes from a max over `mesh_axes`); the worst-case (or capped) buffer is
@@ -183,8 +163,12 @@ def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool,
     in_off_P = _exclusive_cumsum(send_sizes_P)
     recv_sizes_P = jnp.sum(recv_counts_PE, axis=1)
     recv_off_P = _exclusive_cumsum(recv_sizes_P)
-    rows = recv_buffer_rows(cfg, num_a, ep)
-    slots = bucket_slots(cfg, num_a, ep)
+    rows = cfg.recv_buffer_rows(num_a, ep)
+    # Buckets pay where the exchange is the padded dense emulation (its bytes
+    # scale with the buffer); the native ragged exchange already moves only
+    # the real rows, and re-running a bucket in the backward pass (below)
+    # would cost it an extra expert forward.
+    slots = cfg.ep_bucket_slots(num_a, ep) if _ragged_impl(cfg) == "dense" else []
 
     def fallback(buf_AD, w):
         r_counts_PE, r_sizes_P, s_sizes_P = recv_counts_PE, recv_sizes_P, send_sizes_P
@@ -218,7 +202,11 @@ def _dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool,
     busiest = lax.pmax(jnp.max(send_sizes_P), mesh_axes)
     branch = jnp.sum(busiest > jnp.asarray(slots, jnp.int32)).astype(jnp.int32)
     with jax.named_scope("ep_buckets"):
-        return lax.switch(branch, [bucket(s_) for s_ in slots] + [fallback], buf_AD, w)
+        # Each branch is rematerialised in the backward pass: its residuals
+        # (shaped by its buffer) would otherwise be zero-filled for every
+        # branch not taken, the worst-case one included, on every step.
+        branches = [jax.checkpoint(f) for f in [bucket(s_) for s_ in slots] + [fallback]]
+        return lax.switch(branch, branches, buf_AD, w)
 
 
 def _exchange_and_run(buf_AD, w, cfg: MoEConfig, ep: int, tp: bool, rows: int, slot,
@@ -240,15 +228,36 @@ def _exchange_and_run(buf_AD, w, cfg: MoEConfig, ep: int, tp: bool, rows: int, s
         lbuf = dispatch.permute(recv_RD, lplan.slot_TK, lplan.src_R)
         y = experts.grouped_mlp(lbuf, w, lplan.group_sizes_E[:e_local], cfg.activation,
                                 cfg.gmm_backend)
-        if tp:
-            # Partial sums over the F shards (also marks y invariant over `tensor`).
-            y = lax.psum(y, "tensor")
+        y = _tp_reduce(y, tp, axis=1)
         ones = varying_like(jnp.ones((rows, 1), jnp.float32), buf_AD)
         y_RD = dispatch.unpermute(y, ones, lplan.slot_TK, lplan.src_R)
     back_off_P = all_to_all(in_off_P, ep, cfg.a2a_hierarchy)
     with jax.named_scope("all_to_all_combine"):
-        return _ragged(cfg, ep, y_RD, jnp.zeros_like(buf_AD), recv_off_P, recv_sizes_P,
-                       back_off_P, send_sizes_P, slot_rows=slot)
+        out = varying_like(jnp.zeros((buf_AD.shape[0],) + y_RD.shape[1:], y_RD.dtype), y_RD)
+        y_AD = _ragged(cfg, ep, y_RD, out, recv_off_P, recv_sizes_P, back_off_P,
+                       send_sizes_P, slot_rows=slot)
+    return _tp_gather(y_AD, tp, axis=1)
+
+
+def _tp_reduce(y, tp: bool, axis: int):
+    """Sums the F-shard partial products over `tensor`. When D splits evenly,
+    as a reduce-scatter: each tensor shard keeps 1/tp of the D columns, so
+    the combine all-to-all moves 1/tp of the bytes and `_tp_gather` completes
+    the all-reduce after it (psum = reduce-scatter + all-gather). Otherwise a
+    plain psum. Either way y leaves here invariant or varying over `tensor`
+    as `_tp_gather` expects."""
+    if not tp:
+        return y
+    if y.shape[axis] % lax.axis_size("tensor"):
+        return lax.psum(y, "tensor")  # invariant over `tensor` already
+    return lax.psum_scatter(y, "tensor", scatter_dimension=axis, tiled=True)
+
+
+def _tp_gather(y, tp: bool, axis: int):
+    """Undoes `_tp_reduce`'s scatter: all D columns, invariant over `tensor`."""
+    if not tp or "tensor" not in varying_axes(y):
+        return y
+    return lax.all_gather(y, "tensor", axis=axis, tiled=True, to="invarying")
 
 
 def serialize_chunks() -> bool:
@@ -328,13 +337,12 @@ def _capacity_exchange_one(buf_ECD, w, cfg: MoEConfig, ep: int, tp: bool):
         if tp and cfg.collective_matmul and lax.axis_size("tensor") > 1:
             y = _tensor_parallel_mlp_ring(recv, w, cfg)
         else:
-            y = experts.batched_mlp(recv, w, cfg.activation)
-            if tp:
-                # Partial sums over the F shards (also marks y invariant over `tensor`).
-                y = lax.psum(y, "tensor")
-    y = y.reshape(e_local, ep, c, d).swapaxes(0, 1).reshape(e, c, d)
+            y = _tp_reduce(experts.batched_mlp(recv, w, cfg.activation), tp, axis=2)
+    d_y = y.shape[2]  # D, or D / tp after a reduce-scatter
+    y = y.reshape(e_local, ep, c, d_y).swapaxes(0, 1).reshape(e, c, d_y)
     with jax.named_scope("all_to_all_combine"):
-        return all_to_all(y, ep, cfg.a2a_hierarchy)
+        y = all_to_all(y, ep, cfg.a2a_hierarchy)
+    return _tp_gather(y, tp, axis=2)
 
 
 def _tensor_parallel_mlp_ring(x_ECD, w, cfg: MoEConfig):

@@ -43,7 +43,8 @@ def build(config):
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     schedule = step_lib.make_schedule(config.opt, config.total_steps)
     init = step_lib.make_init(gpt, tx, config.seed)
-    shardings = mesh_lib.state_shardings(mesh, jax.eval_shape(init))
+    shardings = mesh_lib.state_shardings(mesh, jax.eval_shape(init),
+                                         fsdp=config.mesh.get("fsdp", False))
     bsh = mesh_lib.batch_sharding(mesh)
     with jax.set_mesh(mesh):
         state = model_lib.compile_init(jax.jit(init, out_shardings=shardings))()

@@ -78,6 +78,9 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.GPTConfig:
     for f in ("load_balance_weight", "z_loss_weight"):
         if config.loss[f] < 0:
             _fail(f"loss.{f}", config.loss[f], "must be >= 0.")
+    fsdp = config.mesh.get("fsdp", False)
+    if not isinstance(fsdp, bool):
+        _fail("mesh.fsdp", fsdp, "must be a bool: --config.mesh.fsdp=true or false.")
     return gpt
 
 
@@ -188,7 +191,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     schedule = step_lib.make_schedule(config.opt, config.total_steps)
     init = step_lib.make_init(gpt, tx, config.seed)
     abstract = jax.eval_shape(init)
-    shardings = mesh_lib.state_shardings(mesh, abstract)
+    fsdp = config.mesh.get("fsdp", False)
+    shardings = mesh_lib.state_shardings(mesh, abstract, fsdp=fsdp)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     graphdef = step_lib.graphdef_of(gpt)
 
@@ -217,7 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                 f"{len(corpus.val):,} val tokens")
         rep.log(f"model: {counts['total'] / 1e6:.2f}M parameters, "
                 f"{counts['active'] / 1e6:.2f}M active; MoE layers {list(gpt.moe_layers)}; "
-                f"mesh {dict(mesh.shape)}; {len(jax.devices())} "
+                f"mesh {dict(mesh.shape)}{' with FSDP' if fsdp else ''}; {len(jax.devices())} "
                 f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); "
                 f"{flops_per_step / 1e9:.1f} GFLOP/step, "
                 f"measured peak {peak / 1e9:.0f} GFLOP/s")

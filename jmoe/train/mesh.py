@@ -3,7 +3,11 @@
 Mesh axes are jmoe's ('data', 'expert', 'tensor'). Token batches are split
 over ('data', 'expert') ("expert parallel as data parallel"); expert weights
 and their Adam moments follow `jmoe.sharding.specs.EXPERT_SPECS` (E over
-'expert', F over 'tensor'); everything else is replicated.
+'expert', F over 'tensor'); everything else is replicated. With
+`config.mesh.fsdp` (ZeRO-3) every leaf of at least `specs.FSDP_MIN_SIZE`
+elements is also split over 'data' on one dimension (`specs.fsdp_spec`):
+the largest free one for dense weights, D for expert weights. Adam moments
+follow their parameters because the rule depends only on path and shape.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jmoe.sharding import make_mesh as _jmoe_make_mesh, specs
+from jmoe.sharding import axis_size, make_mesh as _jmoe_make_mesh, specs
 
 # An expert weight anywhere in the state: the params and every optimizer
 # moment that mirrors them (".../mu/blocks/0/ffn/experts/w_up_EDF/value").
@@ -41,18 +45,27 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
-def spec_for(path: str, ndim: int, axis_names) -> P:
-    """The partition spec of the state leaf at `path` ('/'-joined keys)."""
+def spec_for(path: str, shape: tuple[int, ...], axis_names, fsdp_size: int = 1) -> P:
+    """The partition spec of the state leaf at `path` ('/'-joined keys) of `shape`.
+
+    `fsdp_size` > 1 (the 'data' axis size, with FSDP on) adds the FSDP split.
+    """
     m = _EXPERT_LEAF.search(path)
-    if m and m.group(1) in specs.EXPERT_SPECS and ndim == len(specs.EXPERT_SPECS[m.group(1)]):
-        return specs.restrict(specs.EXPERT_SPECS[m.group(1)], axis_names)
-    return specs.REPLICATED
+    expert = specs.EXPERT_SPECS.get(m.group(1)) if m else None
+    spec = expert if expert is not None and len(shape) == len(expert) else specs.REPLICATED
+    return specs.restrict(specs.fsdp_spec(spec, shape, fsdp_size), axis_names)
 
 
-def state_shardings(mesh: Mesh, abstract: Any) -> Any:
-    """NamedShardings for a pytree of arrays or ShapeDtypeStructs."""
+def state_shardings(mesh: Mesh, abstract: Any, fsdp: bool = False) -> Any:
+    """NamedShardings for a pytree of arrays or ShapeDtypeStructs.
+
+    `fsdp=True` also shards parameters and their optimizer moments over
+    'data' (ZeRO-3); a no-op when the mesh's 'data' axis has size 1.
+    """
+    fsdp_size = axis_size(mesh, specs.FSDP_AXIS) if fsdp else 1
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, spec_for(_path_str(p), len(x.shape), mesh.axis_names)),
+        lambda p, x: NamedSharding(
+            mesh, spec_for(_path_str(p), tuple(x.shape), mesh.axis_names, fsdp_size)),
         abstract)
 
 
