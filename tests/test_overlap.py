@@ -109,6 +109,45 @@ def test_chunks_are_independent_in_the_jaxpr(dispatch, monkeypatch):
                 assert not (anc & nodes), f"chunk {c}'s all-to-all waits on chunk {other}'s experts"
 
 
+def _shard_map_bodies(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "shard_map":
+            yield eqn.params["jaxpr"]
+        for sub in jax_core.jaxprs_in_params(eqn.params):
+            yield from _shard_map_bodies(sub)
+
+
+def test_expert_weight_grads_are_off_the_backward_all_to_all_chain():
+    """Lancet: no all-to-all of the backward pass waits on an expert weight
+    gradient, so the scheduler may overlap the two."""
+    cfg = _cfg(dispatch="dropless", ep_buckets=(), gmm_backend="xla")
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    mesh = make_mesh(data=1, expert=8)
+    loss = lambda p, x: jnp.sum(jmoe.moe_apply(p, x, cfg, mesh=mesh)[0] ** 2)
+    grad_jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, jnp.ones((T, D))).jaxpr
+    later = wgrads = 0
+    for body in _shard_map_bodies(grad_jaxpr):
+        producer = {v: i for i, e in enumerate(body.eqns) for v in e.outvars}
+        wgrad = {i for i, e in enumerate(body.eqns)
+                 if "expert_weight_grad" in str(e.source_info.name_stack)}
+        wgrads += len(wgrad)
+        for i, e in enumerate(body.eqns):
+            if e.primitive.name != "all_to_all":
+                continue
+            stack, seen = [i], set()
+            while stack:
+                for v in body.eqns[stack.pop()].invars:
+                    j = None if isinstance(v, jax_core.Literal) else producer.get(v)
+                    if j is not None and j not in seen:
+                        seen.add(j)
+                        stack.append(j)
+            assert not seen & wgrad, "an all-to-all waits on an expert weight gradient"
+            later += bool(wgrad) and i > min(wgrad)
+    # The weight grads exist, and so does an exchange scheduled after them
+    # (the dispatch's transpose, sending token gradients home).
+    assert wgrads and later
+
+
 def test_chunks_are_ordered_on_cpu():
     from jmoe.sharding import expert_parallel
     assert expert_parallel.serialize_chunks()  # this suite runs on CPU
