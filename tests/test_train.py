@@ -182,6 +182,9 @@ def test_restore_on_another_mesh_gives_the_same_eval(ref_run, tmp_path):
     moved = loop.run(tiny_config(**{"mesh.data": 2, "mesh.expert": 4}), workdir)
     assert moved["step"] == 2 * N
     np.testing.assert_allclose(moved["val_loss"], summary["val_loss"], rtol=1e-5)
+    # The training run's summary survives the evaluation-only rerun.
+    with open(os.path.join(workdir, "summary.json")) as f:
+        assert json.load(f)["train_loss"] == summary["train_loss"]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

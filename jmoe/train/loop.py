@@ -319,7 +319,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                "tokens_per_s": float(rep.last.get("tokens_per_s", float("nan"))),
                "mfu": float(rep.last.get("mfu", float("nan"))),
                "params_total": counts["total"], "params_active": counts["active"]}
-    if is_main:
+    if is_main and step == start:
+        # A rerun of a finished run: keep the training run's summary.json.
+        rep.log(f"already done: step {step} of total_steps={config.total_steps}; val loss "
+                f"{val_loss:.4f} nats/token (re-evaluated). Raise --config.total_steps to "
+                "train on, or use a new --workdir.")
+    elif is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         rep.log(f"done: step {step}  train loss {train_loss:.4f}  val loss {val_loss:.4f} "
