@@ -60,9 +60,10 @@ def _model(**kw) -> ml_collections.ConfigDict:
         tie_embeddings=False,
         dtype="float32",  # compute dtype ("bfloat16" on GPU/TPU)
         param_dtype="float32",
-        remat="none",
+        remat="none",  # none | full | dots
         lancet_chunks=1,  # Lancet-style token chunks around each MoE (math-identical)
-        scmoe=False,  # ScMoE shortcut-connected MoE: a different model, off by default  # none | full | dots
+        scmoe=False,  # ScMoE shortcut-connected MoE: a different model, off by default
+        fsdp_collective_matmul=False,  # FSDP weight gathers as ppermute rings (needs mesh.fsdp)
         # --- MoE layer (jmoe.MoEConfig) ---
         num_experts=16,
         top_k=2,

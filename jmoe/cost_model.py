@@ -53,10 +53,10 @@ ASSUMPTIONS = (
     "The dropless path uses lax.ragged_all_to_all (actual rows) on GPU without a "
     "hierarchy, and the padded dense emulation (ep slots of the chosen bucket) on CPU or with "
     "a2a_hierarchy > 1, exactly as jmoe.sharding.expert_parallel does; the "
-    "exchange runs in the smallest ep_buckets slot that holds the expected busiest "
-    "(source, destination) pair (binomial mean + sqrt(2 ln ep^2) standard deviations), "
-    "else in the fallback receive buffer of ep_recv_factor x (or ep x) the local "
-    "assignments.",
+    "exchange runs in the smallest ep_buckets slot that holds the busiest "
+    "(source, destination) pair, else in the fallback receive buffer of ep_recv_factor x "
+    "(or ep x) the local assignments; the cost is the expectation over that choice, "
+    "with binomial pair counts (normal approximation).",
     "Capacity drops are estimated per shard and expert with a normal "
     "approximation of the binomial token counts around the load distribution.",
     "Memory: parameters, gradients and both Adam moments in param_dtype, plus a "
@@ -232,13 +232,20 @@ def recv_drop_fraction(load_E: Sequence[float], ep: int, assignments: int,
     return min(1.0, lost / (ep * assignments))
 
 
-def busiest_pair_rows(load_E: Sequence[float], ep: int, assignments: float) -> float:
-    """Expected rows of the busiest (source shard, destination device) pair
-    when each of ep sources sends `assignments` rows: per device the binomial
-    mean plus the expected maximum of ep*ep normal deviates (sqrt(2 ln n))."""
-    z = math.sqrt(2.0 * math.log(max(2, ep * ep)))
-    return max(assignments * q + z * math.sqrt(assignments * q * (1.0 - q))
-               for q in device_loads(load_E, ep))
+def prob_pairs_fit(load_E: Sequence[float], ep: int, assignments: float, slot: int) -> float:
+    """Probability that no (source shard, destination device) pair exceeds
+    `slot` rows when each of ep sources sends `assignments` rows (binomial
+    counts, normal approximation with continuity correction; sources
+    independent)."""
+    p = 1.0
+    for q in device_loads(load_E, ep):
+        mu, var = assignments * q, assignments * q * (1.0 - q)
+        if var <= 0:
+            p *= 1.0 if mu <= slot else 0.0
+            continue
+        z = (slot + 0.5 - mu) / math.sqrt(var)
+        p *= (0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))) ** ep
+    return p
 
 
 # ------------------------------------------------------------ layer costs --
@@ -437,64 +444,73 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
         if moe.ragged_impl == "dense":
             native = False
         recv = moe.recv_buffer_rows(int(a_c), ep)
-        # The bucket every device runs: the smallest that holds the busiest
-        # (source, destination) pair of the mesh, else the fallback buffer.
-        busiest = busiest_pair_rows(load, ep, a_c)
         slots = [] if native else moe.ep_bucket_slots(int(a_c), ep)
-        slot = next((s_ for s_ in slots if s_ >= busiest), None)
-        bucketed = slot is not None
-        if slot is None:
-            buf, slot = recv, min(a_c, recv)
-            drop = recv_drop_fraction(load, ep, int(a_c), int(recv))
-        else:
-            buf, drop = ep * slot, 0.0
-        rows_dev = min(buf, a_c * hot)  # real rows on the hottest device
-        # Receive side: group the `buf` rows by local expert (padded to
-        # group_align): a sort, then permute / un-permute over all of them.
-        rrows = buf + (el + 1) * (moe.group_align - 1)
-        regroup = prim.sort(buf) + prim.mem(buf * 4 * 8, kernels=4)
-        regroup_mv = prim.gather(2 * rrows * d * b) + prim.gather(2 * (rrows + buf) * d * b)
         # Counts and offsets: three small all-to-alls, two more per dense
         # call, and the scalar all-reduce that picks the bucket.
         small = all_to_all_time(ep * 4 * max(1, el), ep, hw, moe.a2a_hierarchy)["time"]
         picks = small if slots else 0.0
         add("a2a_counts", "comm", n_core * (small * (3 if native else 5) + picks), 0.0)
-        if native:
-            # Actual rows: the hottest device receives (and sends back) most.
-            v_in = v_out = max(a_c, a_c * hot) * d * b
-            move = move_b = 0.0
-        else:
-            # Dense emulation: every peer's slice travels in a slot of `slot`
-            # rows, both ways; a gather builds each send buffer and a scatter
-            # places what arrives (transposed in backward).
-            v_in = v_out = ep * slot * d * b
-            # Per dense call on an operand of n rows and a v-byte send buffer:
-            # forward: copy the operand (+1 zero row), gather v, scatter v
-            # into a zeroed output; backward: gather v (cotangent at the
-            # destinations), scatter zeros into it, scatter-add v back.
-            def dense_call(vb, n_rows, out_rows):
-                fwd = (prim.mem(2 * n_rows * d * b) + prim.gather(2 * vb)
-                       + prim.scatter(2 * vb + out_rows * d * b))
-                bwd = (prim.gather(2 * vb) + prim.scatter(vb + out_rows * d * b)
-                       + prim.scatter(2 * vb + n_rows * d * b) + prim.mem(2 * n_rows * d * b))
-                return fwd, bwd
-            f1, b1 = dense_call(v_in, a_c, buf)
-            f2, b2 = dense_call(v_out, buf, a_c)
-            move, move_b = f1 + f2, b1 + b2
-        comm_in, comm_out = a2a(v_in), a2a(v_out)
-        c_f, c_b = _expert_compute(rows_dev + el * (moe.group_align - 1) / 2, el, d, f,
-                                   mats, prim)
-        c_f += regroup + regroup_mv + move
-        c_b += regroup_mv + move_b
-        if bucketed:
-            # The bucket runs rematerialised: its forward (exchanges
-            # included) again in the backward pass.
-            c_b += c_f + a2a(v_in) + a2a(v_out)
+
+        def dense_call(vb, n_rows, out_rows):
+            # The dense emulation on an operand of n rows and a v-byte send
+            # buffer. Forward: copy the operand (+1 zero row), gather v,
+            # scatter v into a zeroed output; backward: gather v (cotangent
+            # at the destinations), scatter zeros into it, scatter-add v back.
+            fwd = (prim.mem(2 * n_rows * d * b) + prim.gather(2 * vb)
+                   + prim.scatter(2 * vb + out_rows * d * b))
+            bwd = (prim.gather(2 * vb) + prim.scatter(vb + out_rows * d * b)
+                   + prim.scatter(2 * vb + n_rows * d * b) + prim.mem(2 * n_rows * d * b))
+            return fwd, bwd
+
+        def branch(buf, slot, remat):
+            """(comm_in, comm_out, c_f, c_b, rows_dev) of an exchange into a
+            `buf`-row receive buffer with per-pair slots of `slot` rows."""
+            rows_dev = min(buf, a_c * hot)  # real rows on the hottest device
+            # Receive side: group the `buf` rows by local expert (padded to
+            # group_align): a sort, then permute / un-permute over all of them.
+            rrows = buf + (el + 1) * (moe.group_align - 1)
+            regroup = prim.sort(buf) + prim.mem(buf * 4 * 8, kernels=4)
+            regroup_mv = (prim.gather(2 * rrows * d * b)
+                          + prim.gather(2 * (rrows + buf) * d * b))
+            if native:
+                # Actual rows: the hottest device receives (and sends back) most.
+                v_in = v_out = max(a_c, a_c * hot) * d * b
+                move = move_b = 0.0
+            else:
+                # Every peer's slice travels in a slot of `slot` rows, both ways.
+                v_in = v_out = ep * slot * d * b
+                f1, b1 = dense_call(v_in, a_c, buf)
+                f2, b2 = dense_call(v_out, buf, a_c)
+                move, move_b = f1 + f2, b1 + b2
+            cin, cout = a2a(v_in), a2a(v_out)
+            cf, cb = _expert_compute(rows_dev + el * (moe.group_align - 1) / 2, el, d, f,
+                                     mats, prim)
+            cf += regroup + regroup_mv + move
+            cb += regroup_mv + move_b
+            if remat:  # a bucket runs its forward (exchanges included) again in backward
+                cb += cf + cin + cout
+            return cin, cout, cf, cb, rows_dev, v_in
+
+        # Each step runs the smallest bucket that holds the busiest (source,
+        # destination) pair of the mesh, else the fallback buffer: the cost is
+        # the expectation over that choice, and only the fallback can drop.
+        fits = [prob_pairs_fit(load, ep, a_c, s_) for s_ in slots]
+        probs, taken = [], 0.0
+        for p_fit in fits:
+            probs.append(max(0.0, p_fit - taken))
+            taken = max(taken, p_fit)
+        probs.append(1.0 - taken)
+        costs = [branch(ep * s_, s_, True) for s_ in slots]
+        costs.append(branch(recv, min(a_c, recv), False))
+        comm_in, comm_out, c_f, c_b, rows_dev, v_in = (
+            sum(p_ * c[i] for p_, c in zip(probs, costs)) for i in range(6))
+        buf = sum(p_ * r for p_, r in zip(probs, [ep * s_ for s_ in slots] + [recv]))
+        drop = probs[-1] * recv_drop_fraction(load, ep, int(a_c), int(recv))
         exch_rows = rows_dev
         # Every branch of the bucket switch keeps its own buffers in the
         # compiled step: memory holds them all.
         held = recv + ep * sum(slots)
-        detail.update(recv_rows=held, exchange_buffer_rows=buf,
+        detail.update(recv_rows=held, exchange_buffer_rows=buf, bucket_probabilities=probs,
                       rows_per_device=rows_dev * n_core,
                       ragged="native" if native else "dense-emulation")
         n = n_core

@@ -10,7 +10,7 @@ the token rows:
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +51,14 @@ def batched_mlp(x_ECD: jax.Array, w: Mapping[str, jax.Array], activation: str) -
     return jnp.einsum("ecf,efd->ecd", h_ECF, w["w_down_EFD"].astype(h_ECF.dtype))
 
 
-def dense_mlp(x_TD: jax.Array, w: Mapping[str, jax.Array], activation: str) -> jax.Array:
-    """One ordinary MLP (the shared experts): weights `w_gate_DF`, `w_up_DF`, `w_down_FD`."""
-    mm = lambda lhs, rhs: jnp.dot(lhs, rhs.astype(lhs.dtype))
+def dense_mlp(x_TD: jax.Array, w: Mapping[str, jax.Array], activation: str,
+              dot: Callable[[jax.Array, jax.Array], jax.Array] = jnp.dot) -> jax.Array:
+    """One ordinary MLP (the shared experts): weights `w_gate_DF`, `w_up_DF`, `w_down_FD`.
+
+    x_TD may carry more leading dimensions ([B, T, D]); `dot` is `jnp.dot` or
+    a drop-in for it (the GPT's FSDP ring, `jmoe.sharding.fsdp.ring_dot`).
+    """
+    mm = lambda lhs, rhs: dot(lhs, rhs.astype(lhs.dtype))
     if activation == "swiglu":
         h_TF = activation_fn(activation, mm(x_TD, w["w_gate_DF"]), mm(x_TD, w["w_up_DF"]))
     else:

@@ -30,6 +30,7 @@ from flax import nnx
 from jmoe import experts
 from jmoe.config import MoEConfig
 from jmoe.moe import MoE, combine_aux
+from jmoe.sharding import fsdp
 from jmoe.sharding.expert_parallel import chunk_bounds
 
 REMAT = ("none", "full", "dots")
@@ -66,6 +67,12 @@ class GPTConfig:
     # while a dense MLP of one expert's size reads the current representation;
     # both outputs are added. The all-to-all then has the attention to hide behind.
     scmoe: bool = False
+    # FSDP weights gathered as ring collective matmuls: with config.mesh.fsdp
+    # on a mesh whose 'data' axis is > 1, the attention q/k/v/o, dense-FFN and
+    # unembedding projections pass their weight shards round 'data' with
+    # `ppermute`, each step multiplying by the block already present
+    # (jmoe.sharding.fsdp). Math-identical; plain einsums otherwise.
+    fsdp_collective_matmul: bool = False
     moe: Optional[MoEConfig] = None  # None when no layer is an MoE layer
 
     @property
@@ -129,6 +136,9 @@ class GPTConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 fail(f, getattr(self, f), f"choose one of {DTYPES}.")
+        if not isinstance(self.fsdp_collective_matmul, bool):
+            fail("fsdp_collective_matmul", self.fsdp_collective_matmul,
+                 "must be a bool: --config.model.fsdp_collective_matmul=true or false.")
         if self.rope_theta <= 0:
             fail("rope_theta", self.rope_theta, "must be > 0.")
         if not isinstance(self.lancet_chunks, int) or self.lancet_chunks < 1:
@@ -179,6 +189,11 @@ def _init(std: float):
     return nnx.initializers.truncated_normal(stddev=std)
 
 
+def _einsum(ring: bool):
+    """`jnp.einsum`, or its FSDP ring collective matmul (`fsdp_collective_matmul`)."""
+    return fsdp.ring_einsum if ring else jnp.einsum
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, d: int, eps: float, param_dtype):
         self.scale_D = nnx.Param(jnp.ones((d,), param_dtype))
@@ -211,13 +226,15 @@ class Attention(nnx.Module):
         self.w_v_DJK = nnx.Param(_init(d ** -0.5)(rngs.params(), (d, j, k), pdt))
         self.w_o_HKD = nnx.Param(_init(out_std)(rngs.params(), (h, k, d), pdt))
         self.theta = cfg.rope_theta
+        self.fsdp_ring = cfg.fsdp_collective_matmul
 
     def core(self, x_BTD: jax.Array) -> jax.Array:
         """Everything before the output projection: [B, T, D] -> [B, T, H, K]."""
         dt = x_BTD.dtype
-        q_BTHK = rope(jnp.einsum("btd,dhk->bthk", x_BTD, self.w_q_DHK[...].astype(dt)), self.theta)
-        k_BTJK = rope(jnp.einsum("btd,djk->btjk", x_BTD, self.w_k_DJK[...].astype(dt)), self.theta)
-        v_BTJK = jnp.einsum("btd,djk->btjk", x_BTD, self.w_v_DJK[...].astype(dt))
+        einsum = _einsum(self.fsdp_ring)
+        q_BTHK = rope(einsum("btd,dhk->bthk", x_BTD, self.w_q_DHK[...].astype(dt)), self.theta)
+        k_BTJK = rope(einsum("btd,djk->btjk", x_BTD, self.w_k_DJK[...].astype(dt)), self.theta)
+        v_BTJK = einsum("btd,djk->btjk", x_BTD, self.w_v_DJK[...].astype(dt))
         # jax.nn.dot_product_attention handles grouped-query heads and picks
         # cuDNN flash attention on GPUs that have it.
         o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTJK, v_BTJK, is_causal=True)
@@ -228,15 +245,17 @@ class Attention(nnx.Module):
 
     def project(self, o_BTHK: jax.Array) -> jax.Array:
         """The output projection (separate so Lancet can chunk it)."""
-        return jnp.einsum("bthk,hkd->btd", o_BTHK, self.w_o_HKD[...].astype(o_BTHK.dtype))
+        return _einsum(self.fsdp_ring)("bthk,hkd->btd", o_BTHK,
+                                       self.w_o_HKD[...].astype(o_BTHK.dtype))
 
 
 class DenseFFN(nnx.Module):
     """One MLP with the same weight names as a shared expert."""
 
     def __init__(self, d: int, f: int, activation: str, num_layers: int, param_dtype,
-                 *, rngs: nnx.Rngs):
+                 *, rngs: nnx.Rngs, fsdp_ring: bool = False):
         self.activation = activation
+        self.fsdp_ring = fsdp_ring  # GPTConfig.fsdp_collective_matmul
         out_std = f ** -0.5 / math.sqrt(2 * num_layers)
         if activation == "swiglu":
             self.w_gate_DF = nnx.Param(_init(d ** -0.5)(rngs.params(), (d, f), param_dtype))
@@ -245,7 +264,8 @@ class DenseFFN(nnx.Module):
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         w = {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
-        return experts.dense_mlp(x_BTD, w, self.activation)
+        return experts.dense_mlp(x_BTD, w, self.activation,
+                                 dot=fsdp.ring_dot if self.fsdp_ring else jnp.dot)
 
 
 def _scale_residual_outputs(layer: MoE, scale: float) -> None:
@@ -273,11 +293,12 @@ class Block(nnx.Module):
             _scale_residual_outputs(self.ffn, 1.0 / math.sqrt(2 * cfg.num_layers))
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_hidden, cfg.activation, cfg.num_layers,
-                                pdt, rngs=rngs)
+                                pdt, rngs=rngs, fsdp_ring=cfg.fsdp_collective_matmul)
         self.scmoe = self.is_moe and cfg.scmoe
         if self.scmoe:
             self.shortcut_mlp = DenseFFN(cfg.d_model, cfg.moe.d_ff, cfg.activation,
-                                         cfg.num_layers, pdt, rngs=rngs)
+                                         cfg.num_layers, pdt, rngs=rngs,
+                                         fsdp_ring=cfg.fsdp_collective_matmul)
         self.lancet_chunks = cfg.lancet_chunks if self.is_moe and not self.scmoe else 1
 
     def __call__(self, x_BTD: jax.Array, train: bool, rng: Optional[jax.Array]):
@@ -341,15 +362,25 @@ class GPT(nnx.Module):
                 x_BTD, aux = _remat_block(block, x_BTD, train, layer_rng, cfg.remat)
             if aux is not None:
                 auxes.append(aux)
-        x_BTD = self.final_norm(x_BTD)
-        if cfg.tie_embeddings:
-            # Scaled so a unit-variance embedding gives unit-scale logits.
-            w_DV = self.embed_VD[...].T.astype(dt) * cfg.d_model ** -0.5
-        else:
-            w_DV = self.unembed_DV[...].astype(dt)
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, w_DV).astype(jnp.float32)
+        logits_BTV = self._unembed(self.final_norm(x_BTD)).astype(jnp.float32)
         aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None
         return logits_BTV, aux
+
+    def _unembed(self, x_BTD: jax.Array) -> jax.Array:
+        """[B, T, D] -> logits [B, T, V] in the compute dtype."""
+        cfg, dt = self.cfg, x_BTD.dtype
+        scale = cfg.d_model ** -0.5  # tied: a unit-variance embedding gives unit-scale logits
+        if cfg.fsdp_collective_matmul:
+            # The ring takes the tied [V, D] table itself, not its transpose,
+            # so the spec it finds is the one the trainer gave the table.
+            spec, w = (("btd,vd->btv", self.embed_VD[...].astype(dt) * scale)
+                       if cfg.tie_embeddings else
+                       ("btd,dv->btv", self.unembed_DV[...].astype(dt)))
+            if fsdp.ring_applies(spec, x_BTD, w):
+                return fsdp.ring_einsum(spec, x_BTD, w)
+        if cfg.tie_embeddings:
+            return jnp.einsum("btd,dv->btv", x_BTD, self.embed_VD[...].T.astype(dt) * scale)
+        return jnp.einsum("btd,dv->btv", x_BTD, self.unembed_DV[...].astype(dt))
 
     def moe_blocks(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if b.is_moe]

@@ -81,6 +81,11 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.GPTConfig:
     fsdp = config.mesh.get("fsdp", False)
     if not isinstance(fsdp, bool):
         _fail("mesh.fsdp", fsdp, "must be a bool: --config.mesh.fsdp=true or false.")
+    if gpt.fsdp_collective_matmul and not fsdp:
+        # Without FSDP the weights are replicated: there is nothing to gather.
+        _fail("model.fsdp_collective_matmul", True,
+              "it gathers FSDP-sharded weights: set --config.mesh.fsdp=true, or "
+              "--config.model.fsdp_collective_matmul=false.")
     return gpt
 
 
@@ -102,7 +107,7 @@ def validate_mesh(config, gpt: model_lib.GPTConfig, mesh) -> None:
 # one workdir (like the mesh).
 EXECUTION_FIELDS = frozenset({
     "gmm_backend", "a2a_hierarchy", "ragged_impl", "ep_buckets", "overlap_chunks",
-    "collective_matmul", "lancet_chunks", "remat"})
+    "collective_matmul", "lancet_chunks", "remat", "fsdp_collective_matmul"})
 
 
 def _canonical(v):
