@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import os
 import statistics
@@ -52,21 +51,6 @@ MODELS = {
     "tiny": ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.d_ff=32",
              "model.group_align=8", "data.seq_len=32", "batch_size=16"],
 }
-
-
-def load_config(overrides: dict):
-    spec = importlib.util.spec_from_file_location("gpt_moe", os.path.join(ROOT, "configs",
-                                                                          "gpt_moe.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -92,7 +76,9 @@ def worker(args) -> None:
     from jmoe import model as model_lib
     from jmoe.train import data, loop, mesh as mesh_lib, step as step_lib
 
-    config = load_config(parse_sets(args.set))
+    from jmoe.train.cli import load_config
+    config = load_config(os.path.join(ROOT, "configs", "gpt_moe.py"),
+                         overrides=parse_sets(args.set))
     gpt = loop.validate_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     loop.validate_mesh(config, gpt, mesh)

@@ -26,7 +26,7 @@ import portpicker
 import pytest
 
 from jmoe.sharding import distributed as dist
-from jmoe.train import checkpoint, loop, mesh as mesh_lib, step as step_lib
+from jmoe.train import checkpoint, cli, loop, mesh as mesh_lib, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "scripts", "slurm", "train.sbatch")
@@ -265,20 +265,7 @@ def restore_state(workdir: str, step: int):
 
 
 def tiny_config():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpt_moe", os.path.join(ROOT, "configs",
-                                                                          "gpt_moe.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
-    for key, value in TINY.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return cli.load_config(os.path.join(ROOT, "configs", "gpt_moe.py"), overrides=TINY)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ bit.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 from jmoe import model as model_lib, routing
-from jmoe.train import checkpoint, loop, mesh as mesh_lib, step as step_lib
+from jmoe.train import checkpoint, cli, loop, mesh as mesh_lib, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 6  # checkpoint interval; the reference run trains 2N steps
@@ -36,23 +35,15 @@ TINY = {
 }
 
 
+CONFIG_FILE = os.path.join(ROOT, "configs", "gpt_moe.py")
+
+
 def load_config(arg=None):
-    spec = importlib.util.spec_from_file_location("gpt_moe", os.path.join(ROOT, "configs",
-                                                                          "gpt_moe.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return cli.load_config(CONFIG_FILE, arg)
 
 
 def tiny_config(**overrides):
-    config = load_config()
-    for key, value in {**TINY, **overrides}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return cli.load_config(CONFIG_FILE, overrides={**TINY, **overrides})
 
 
 def cli_args(**overrides):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
-from typing import NoReturn
+from typing import Any, Mapping, NoReturn, Optional
 
 from absl import flags
 
@@ -43,6 +44,25 @@ def config_file(flag_name: str = "config") -> str:
     if not os.path.isfile(path):
         fail(f"--{flag_name}={path}: no such config file.")
     return path
+
+
+def load_config(path: str, variant: Optional[str] = None,
+                overrides: Optional[Mapping[str, Any]] = None):
+    """`get_config(variant)` of the config file at `path`, with dotted-key
+    overrides applied ({"model.num_experts": 16}); for programs and tests
+    that build a config without absl flags."""
+    spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config(variant)
+    for key, value in (overrides or {}).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
 
 
 def default_workdir(config_arg: str) -> str:
