@@ -398,7 +398,12 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
     check_ep(cfg, mesh, num_tokens)
     names = mesh.axis_names
     ep = axis_size(mesh, "expert")
-    tp = "tensor" in names  # psum over it even at size 1: shard_map tracks replication
+    # Axes of size 1 are left out of the specs: values are then invariant
+    # over them, and shard_map's replication tracking needs no psum over
+    # them. (XLA:CPU keeps collectives over size-1 groups: each one costs a
+    # rendezvous of all devices and copies of its operands.)
+    names = tuple(a for a in names if axis_size(mesh, a) > 1)
+    tp = "tensor" in names
     tok = tuple(a for a in specs.TOKEN_AXES if a in names)
     tok_spec = P(tok, None) if tok else P()
     w_exp = params["experts"]
