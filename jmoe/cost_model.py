@@ -343,19 +343,32 @@ def dense_ffn_cost(d_model: int, hidden: int, activation: str, tokens: int, prim
 
 
 def _expert_compute(rows: float, el: int, d: int, f: int, mats: int, prim: Prim,
-                    kernels: int = 1) -> tuple[float, float]:
-    """(forward, backward) seconds of `el` local experts over `rows` rows."""
+                    kernels: int = 1, buffer_rows: Optional[float] = None,
+                    xla_loop: bool = False) -> tuple[float, float]:
+    """(forward, backward) seconds of `el` local experts over `rows` rows.
+
+    buffer_rows: rows of the padded buffer the experts run on (default
+    `rows`). Matmuls visit only the real rows; the activation's elementwise
+    ops run over the whole buffer. xla_loop: the grouped matmuls are the
+    pure-XLA group loop (`jmoe.kernels.xla_gmm`), whose every call zero-fills
+    its [buffer_rows, N] output and writes it once more through the loop
+    carry.
+    """
     b = dtype_bytes(prim.dtype)
+    buf = rows if buffer_rows is None else max(rows, buffer_rows)
     flops = 2 * rows * d * f * mats
     w = el * mats * d * f * b
     io = rows * (2 * d + (mats + 1) * f) * b
     fwd = prim.matmul(flops, w + io, prim.hw.gmm_eff) + (kernels - 1) * prim.hw.kernel_overhead
-    act = prim.mem(rows * f * b * (mats + 1))
+    act = prim.mem(buf * f * b * (mats + 1))
+    # Outputs of the forward gmms: (mats - 1) of [buf, F] and one of [buf, D];
+    # the backward's data-gradient gmms write the same shapes.
+    loop = prim.mem(2 * buf * ((mats - 1) * f + d) * b, kernels=mats) if xla_loop else 0.0
     # Backward: data and weight gradients (2x FLOPs), weights read and their
     # gradients written, activation backward.
     bwd = (prim.matmul(2 * flops, 2 * w + 2 * io, prim.hw.gmm_eff)
-           + 2 * (kernels - 1) * prim.hw.kernel_overhead + 1.5 * act)
-    return fwd + act, bwd
+           + 2 * (kernels - 1) * prim.hw.kernel_overhead + 1.5 * act + loop)
+    return fwd + act + loop, bwd
 
 
 def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
@@ -429,13 +442,17 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
         unperm_b = prim.gather(4 * a_c * d * b) + prim.mem(a_c * d * 4)
         add("plan", "compute", n_core * plan, 0.0)
         add("permute", "compute", n_core * (perm + unperm), n_core * (perm_b + unperm_b))
+        # The grouped matmul: Pallas kernels on GPU unless asked otherwise.
+        xla_loop = moe.gmm_backend == "xla" or (moe.gmm_backend == "auto" and backend == "cpu")
         q = device_loads(load, ep)
         hot = max(q) * ep  # hottest device's rows relative to the mean
         if ep == 1:
             # One device: the layer's own plan pads groups to group_align.
             rows_dev = a_c + e * (moe.group_align - 1) / 2
             drop = 0.0
-            c_f, c_b = _expert_compute(rows_dev, el, d, f, mats, prim)
+            c_f, c_b = _expert_compute(rows_dev, el, d, f, mats, prim,
+                                       buffer_rows=a_c + e * (moe.group_align - 1),
+                                       xla_loop=xla_loop)
             add("experts", "compute", n_core * c_f, n_core * c_b)
             detail.update(rows_per_device=rows_dev * n_core)
             return _finish_moe(moe, ops, prim, tokens, remat, detail, 0.0, add)
@@ -484,7 +501,7 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
                 move, move_b = f1 + f2, b1 + b2
             cin, cout = a2a(v_in), a2a(v_out)
             cf, cb = _expert_compute(rows_dev + el * (moe.group_align - 1) / 2, el, d, f,
-                                     mats, prim)
+                                     mats, prim, buffer_rows=rrows, xla_loop=xla_loop)
             cf += regroup + regroup_mv + move
             cb += regroup_mv + move_b
             if remat:  # a bucket runs its forward (exchanges included) again in backward
