@@ -237,6 +237,26 @@ def test_expert_tensor_parallel_reduce_scatters_before_the_combine(dispatch):
     assert D // 2 in a2a_widths and D in a2a_widths  # combine half width, dispatch full
 
 
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_no_collective_runs_over_a_size_one_axis(dispatch):
+    """On a 1x8 mesh (`data` and `tensor` of size 1) forward + backward has
+    no collective whose groups are single devices: XLA:CPU keeps those, and
+    each costs a rendezvous of all devices and copies of its operands."""
+    cfg = _cfg(dispatch=dispatch)
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    mesh = make_mesh(data=1, expert=8, tensor=1)
+    assert set(mesh.axis_names) >= {"data", "tensor"}
+
+    def loss(p, x):
+        return jnp.sum(jmoe.moe_apply(p, x, cfg, mesh=mesh)[0] ** 2)
+
+    text = jax.jit(jax.grad(loss)).trace(params, jnp.ones((T, D))).lower().compile().as_text()
+    groups = re.findall(r"replica_groups=(\{[^=]*?\}\})", text)
+    assert groups, "no collective found: the test lost its subject"
+    singles = [g for g in groups if re.fullmatch(r"\{(\{\d+\},?)+\}", g)]
+    assert not singles, f"collectives over single devices: {singles}"
+
+
 def test_native_ragged_branch_lowers_for_cuda():
     cfg = _cfg(dispatch="dropless", ragged_impl="native", gmm_backend="xla")
     params = jmoe.init_params(jax.random.key(0), cfg)
