@@ -11,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 import jmoe
 from jmoe.sharding import expert_parallel, init_params_sharded, make_mesh
 
+from hlo_checks import collective_groups, single_device_collectives
+
 D, F, E, T = 16, 32, 8, 64
 
 
@@ -251,10 +253,8 @@ def test_no_collective_runs_over_a_size_one_axis(dispatch):
         return jnp.sum(jmoe.moe_apply(p, x, cfg, mesh=mesh)[0] ** 2)
 
     text = jax.jit(jax.grad(loss)).trace(params, jnp.ones((T, D))).lower().compile().as_text()
-    groups = re.findall(r"replica_groups=(\{[^=]*?\}\})", text)
-    assert groups, "no collective found: the test lost its subject"
-    singles = [g for g in groups if re.fullmatch(r"\{(\{\d+\},?)+\}", g)]
-    assert not singles, f"collectives over single devices: {singles}"
+    assert collective_groups(text), "no collective found: the test lost its subject"
+    assert not single_device_collectives(text)
 
 
 def test_native_ragged_branch_lowers_for_cuda():

@@ -24,6 +24,7 @@ from jmoe import model as model_lib
 from jmoe.sharding import collective_matmul as cm, fsdp, make_mesh
 from jmoe.train import loop, mesh as mesh_lib, step as step_lib
 from tests.test_fsdp import fsdp_config
+from hlo_checks import single_device_collectives
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -124,7 +125,7 @@ def _layer_fn(graphdef, ring: bool):
     return fwd
 
 
-@pytest.mark.parametrize("data,expert", [(2, 4), (4, 2)])
+@pytest.mark.parametrize("data,expert", [(2, 4), (4, 2), (8, 1)])
 def test_ring_projections_equal_gathered_einsums(data, expert):
     """The switch on equals the switch off on the same FSDP-sharded weights,
     forward and gradients (weights and input), and every projection rings."""
@@ -148,6 +149,8 @@ def test_ring_projections_equal_gathered_einsums(data, expert):
             results[ring] = jitted(jax.device_put(state, shardings),
                                    jax.device_put(x_BTD, x_sharding))
         permutes = lowered.as_text().count("collective_permute")
+        if ring:
+            assert not single_device_collectives(lowered.compile().as_text())
         # One hop per ring step and weight, forward and transposed backward.
         assert permutes == (2 * LAYER_RING_WEIGHTS * (data - 1) if ring else 0)
     (y_off, (g_off, gx_off)), (y_on, (g_on, gx_on)) = results[False], results[True]

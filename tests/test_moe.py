@@ -129,7 +129,7 @@ def test_load_balance_and_z_loss_formulas():
     cfg = _cfg(num_experts=3, top_k=1, router="softmax_topk", renormalize=False)
     params = jmoe.init_params(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (16, D))
-    _, aux = jmoe.moe_apply(params, x, cfg)
+    _, aux = jax.jit(lambda p, x: jmoe.moe_apply(p, x, cfg))(params, x)
     lg = x @ params["router"]["w_DE"]
     rr = jmoe.routing.softmax_topk(lg, 1, False)
     assert float(aux.load_balance_loss) == pytest.approx(

@@ -72,7 +72,9 @@ def _plan(spec: str, x: jax.Array, w: jax.Array, mesh) -> Optional[tuple[P, int,
     xs, ws = ins.split(",")
     if not xs or xs[0] in ws or not out.startswith(xs[0]):
         return None  # x's first dimension must be a batch dimension carried to the output
-    tok = tuple(a for a in specs.TOKEN_AXES if a in mesh.axis_names)
+    # Size-1 axes stay out of the specs, so the backward has no psum over them.
+    tok = tuple(a for a in specs.TOKEN_AXES
+                if a in mesh.axis_names and axis_size(mesh, a) > 1)
     if x.shape[0] % math.prod(axis_size(mesh, a) for a in tok):
         return None
     return w_spec, entries.index(specs.FSDP_AXIS), tok
