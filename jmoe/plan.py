@@ -144,6 +144,14 @@ def _layer_rows(cur: cost_model.StepCost, best: cost_model.StepCost) -> list:
     return rows
 
 
+
+def _count(n: float) -> str:
+    """A parameter count as people write it: 46.7B, 125.3M, 12.0K."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
 def report(config, variant: str, hw, devices: int, result: dict, load: str,
            gpt, seq_len: int, batch_size: int) -> str:
     cur, best = result["current"], result["best"]
@@ -152,8 +160,8 @@ def report(config, variant: str, hw, devices: int, result: dict, load: str,
     counts = param_count_formula(gpt)
     nodes = -(-devices // hw.devices_per_node)
     lines = [
-        f"jmoe plan: {variant} ({counts['total'] / 1e9:.1f}B parameters, "
-        f"{counts['active'] / 1e9:.1f}B active) on {nodes} x {min(devices, hw.devices_per_node)} "
+        f"jmoe plan: {variant} ({_count(counts['total'])} parameters, "
+        f"{_count(counts['active'])} active) on {nodes} x {min(devices, hw.devices_per_node)} "
         f"{hw.name} = {devices} devices",
         f"  hardware: {hw.description}",
         f"  batch {batch_size} x {seq_len} tokens per step, dtype {gpt.dtype}, params "
