@@ -578,6 +578,7 @@ class Setting:
     a2a_hierarchy: int
     ep_recv_factor: float = 0.0
     grad_accum_steps: int = 1
+    fsdp: bool = False  # config.mesh.fsdp: weights and Adam moments sharded over `data`
 
 
 @dataclasses.dataclass
@@ -640,11 +641,17 @@ def _param_split(gpt) -> tuple[float, float]:
 
 
 def _ring_allreduce(nbytes: float, group: int, spans_nodes: bool, hw: Hardware) -> float:
+    """A ring all-reduce of `nbytes` per device: a reduce-scatter and an all-gather."""
+    return 2 * _ring_gather(nbytes, group, spans_nodes, hw)
+
+
+def _ring_gather(nbytes: float, group: int, spans_nodes: bool, hw: Hardware) -> float:
+    """A ring all-gather (or reduce-scatter) whose full result is `nbytes`."""
     if group <= 1 or nbytes <= 0:
         return 0.0
     bw = (hw.inter_bw if spans_nodes else hw.intra_bw) * hw.comm_eff
     alpha = hw.inter_alpha if spans_nodes else hw.intra_alpha
-    return 2 * alpha * math.log2(group) + 2 * (group - 1) / group * nbytes / bw
+    return alpha * math.log2(group) + (group - 1) / group * nbytes / bw
 
 
 def activation_bytes(gpt, tokens: int, moe_rows: float, recv_rows: float) -> float:
@@ -719,19 +726,36 @@ def step_cost(gpt, setting: Setting, *, seq_len: int, batch_size: int, devices: 
     g_node, _ = ep_layout(setting.ep, hw.devices_per_node)
     multi_node = devices > hw.devices_per_node
     dp = devices // setting.ep
-    sync = (_ring_allreduce(non_exp * pb, devices, multi_node, hw)
-            + _ring_allreduce(exp / setting.ep * pb, dp,
-                              multi_node and dp * g_node > hw.devices_per_node, hw))
-    if not hw.async_collectives:
-        sync_exposed = sync
+    dp_nodes = multi_node and dp * g_node > hw.devices_per_node  # the data axis crosses nodes
+    per_mb_bwd = sum(sum(o.bwd for o in lc.ops) * c for lc, c in layers.values())
+    per_mb = sum(lc.compute * c for lc, c in layers.values())
+    fsdp = setting.fsdp and dp > 1
+    if not fsdp:
+        sync = (_ring_allreduce(non_exp * pb, devices, multi_node, hw)
+                + _ring_allreduce(exp / setting.ep * pb, dp, dp_nodes, hw))
+        sync_exposed = max(0.0, sync - per_mb_bwd) if hw.async_collectives else sync
+        params_dev = non_exp + exp / setting.ep
+        gathered = 0.0
     else:
-        per_mb_bwd = sum(sum(o.bwd for o in lc.ops) * c for lc, c in layers.values())
-        sync_exposed = max(0.0, sync - per_mb_bwd)
-    params_dev = non_exp + exp / setting.ep
+        # ZeRO-3 as config.mesh.fsdp does it: every micro-batch all-gathers
+        # the weights over `data` in the forward and again in the backward,
+        # and reduce-scatters the gradients; the non-expert shards are then
+        # all-reduced over `expert`. Async collectives hide the gathers
+        # under the micro-batch's compute, all but the first layer's.
+        local = non_exp + exp / setting.ep  # one expert-parallel rank's weights
+        gather = _ring_gather(local * pb, dp, dp_nodes, hw)
+        sync = accum * (3 * gather + _ring_allreduce(non_exp / dp * pb, setting.ep,
+                                                     multi_node and g_node < setting.ep, hw))
+        first = gather / max(1, gpt.num_layers)
+        sync_exposed = (max(accum * 2 * first, sync - accum * per_mb) if hw.async_collectives
+                        else sync)
+        params_dev = local / dp
+        # One layer's weights gathered whole, and its gradient before the scatter.
+        gathered = 2 * local / max(1, gpt.num_layers) * pb
     # AdamW: read param, grad, mu, nu; write param, mu, nu (param_dtype).
     opt = prim.mem(params_dev * pb * 7, kernels=8)
     state = params_dev * pb * (4 + (1 if accum > 1 else 0))
-    act = activation_bytes(gpt, tokens, moe_rows, recv_rows)
+    act = activation_bytes(gpt, tokens, moe_rows, recv_rows) + gathered
     mem = {"state": state, "activations": act, "total": state + act,
            "capacity": hw.mem_bytes, "params_per_device": params_dev}
     return StepCost(setting, layers, accum, sync, sync_exposed, opt, hw.launch_overhead, mem,
@@ -748,7 +772,8 @@ def candidate_settings(gpt, devices: int, hw: Hardware, batch_size: int, seq_len
                        chunks: Iterable[int] = (1, 2, 4, 8),
                        capacity_factors: Iterable[float] = (1.0, 1.1, 1.25, 1.5, 2.0),
                        accum_options: Optional[Iterable[int]] = None,
-                       fixed_ep: Optional[int] = None) -> list:
+                       fixed_ep: Optional[int] = None,
+                       fsdp_options: Iterable[bool] = (False, True)) -> list:
     m = gpt.moe
     eps = [fixed_ep] if fixed_ep else [p for p in _divisors(devices)
                                        if m is not None and m.num_experts % p == 0]
@@ -760,15 +785,17 @@ def candidate_settings(gpt, devices: int, hw: Hardware, batch_size: int, seq_len
         for ep in eps:
             g, _ = ep_layout(ep, hw.devices_per_node)
             hier = [0] + ([g] if 1 < g < ep and ep % g == 0 else [])
-            for h in hier:
-                for n in (chunks if ep > 1 else (1,)):
-                    for cf in capacity_factors:
-                        out.append(Setting(ep, "capacity", cf, n, h, 0.0, a))
-                    out.append(Setting(ep, "dropless", m.capacity_factor, n, h, 0.0, a))
-                    if ep > 1:
-                        for r in (1.25, 1.5, 2.0):
-                            if r < ep:
-                                out.append(Setting(ep, "dropless", m.capacity_factor, n, h, r, a))
+            for z in (fsdp_options if devices > ep else (False,)):
+                for h in hier:
+                    for n in (chunks if ep > 1 else (1,)):
+                        for cf in capacity_factors:
+                            out.append(Setting(ep, "capacity", cf, n, h, 0.0, a, z))
+                        out.append(Setting(ep, "dropless", m.capacity_factor, n, h, 0.0, a, z))
+                        if ep > 1:
+                            for r in (1.25, 1.5, 2.0):
+                                if r < ep:
+                                    out.append(Setting(ep, "dropless", m.capacity_factor, n, h,
+                                                       r, a, z))
     return out
 
 
@@ -782,9 +809,10 @@ def plan(gpt, *, devices: int, hw: Hardware, batch_size: int, seq_len: int,
     """Costs every candidate; returns {"best", "current", "ranked", "notes"}.
 
     Feasible = expected drops <= `drop_budget` and the memory estimate fits
-    (if nothing fits, memory is ignored and a note says so). Among feasible
-    settings within `tolerance` of the fastest, the one closest to `current`
-    wins (fewest changed knobs), then the one with fewer chunks.
+    (if nothing fits, memory is ignored and a note says so). FSDP settings
+    count only when no replicated one fits, unless `current` uses FSDP. Among
+    feasible settings within `tolerance` of the fastest, the one closest to
+    `current` wins (fewest changed knobs), then the one with fewer chunks.
     """
     notes = []
     cands = candidate_settings(gpt, devices, hw, batch_size, seq_len, **kw)
@@ -796,6 +824,11 @@ def plan(gpt, *, devices: int, hw: Hardware, batch_size: int, seq_len: int,
                      "showing the least-dropping ones")
         ok_drop = sorted(costs, key=lambda c: c.drop_fraction)[:max(1, len(costs) // 10)]
     fits = [c for c in ok_drop if c.memory["total"] <= hw.mem_bytes]
+    # FSDP is a memory remedy here: its time rests on hiding every weight
+    # gather under compute, an assumption no GPU measurement has checked, so
+    # it is chosen only where nothing fits without it (or the config has it).
+    if not current.fsdp and any(not c.setting.fsdp for c in fits):
+        fits = [c for c in fits if not c.setting.fsdp]
     if not fits:
         need = min(c.memory["total"] for c in ok_drop)
         notes.append(f"nothing fits in {hw.mem_bytes / 1e9:.0f} GB per device by the memory "

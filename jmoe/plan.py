@@ -16,6 +16,7 @@ train.py would apply them. Hardware profiles: a100, a800, a30, h100, h200
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Optional, Sequence
@@ -62,7 +63,8 @@ def current_setting(config, devices: int) -> Setting:
                    overlap_chunks=int(m.get("overlap_chunks", 1)),
                    a2a_hierarchy=int(m.get("a2a_hierarchy", 0)),
                    ep_recv_factor=float(m.get("ep_recv_factor", 0.0)),
-                   grad_accum_steps=int(config.get("grad_accum_steps", 1)))
+                   grad_accum_steps=int(config.get("grad_accum_steps", 1)),
+                   fsdp=bool(config.mesh.get("fsdp", False)))
 
 
 def overrides(config, best: Setting, devices: int) -> list:
@@ -91,6 +93,8 @@ def overrides(config, best: Setting, devices: int) -> list:
         out.append(f"--config.mesh.data={devices // best.ep}")
     if int(config.get("grad_accum_steps", 1)) != best.grad_accum_steps:
         out.append(f"--config.grad_accum_steps={best.grad_accum_steps}")
+    if bool(config.mesh.get("fsdp", False)) != best.fsdp:
+        out.append(f"--config.mesh.fsdp={best.fsdp}")
     return out
 
 
@@ -122,6 +126,8 @@ def describe(s: Setting) -> str:
     parts.append(f"2DH({s.a2a_hierarchy})" if s.a2a_hierarchy > 1 else "flat")
     if s.grad_accum_steps > 1:
         parts.append(f"accum={s.grad_accum_steps}")
+    if s.fsdp:
+        parts.append("fsdp")
     return " ".join(parts)
 
 
@@ -255,8 +261,7 @@ def run(argv: Sequence[str]) -> dict:
                          "meshes without expert tensor parallelism; plan with tensor=1.")
     cur = current_setting(config, devices)
     if devices % cur.ep:
-        cur = Setting(1, cur.dispatch, cur.capacity_factor, cur.overlap_chunks, 0,
-                      cur.ep_recv_factor, cur.grad_accum_steps)
+        cur = dataclasses.replace(cur, ep=1, a2a_hierarchy=0)
     if (batch // cur.grad_accum_steps) % devices:
         raise ValueError(f"config.batch_size={batch} with grad_accum_steps="
                          f"{cur.grad_accum_steps} does not split over {devices} devices: "

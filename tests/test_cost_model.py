@@ -106,6 +106,44 @@ def test_doubling_tokens_roughly_doubles_step_compute():
     assert 1.8 < (two.compute - two.optimizer) / (one.compute - one.optimizer) < 2.2
 
 
+@pytest.mark.parametrize("ep,accum", [(8, 1), (8, 4), (2, 2)])
+def test_fsdp_trades_communication_for_memory(ep, accum):
+    """ZeRO-3 sharding cuts the per-device state by the data-axis size; it
+    moves more bytes (gathers every micro-batch), so with synchronous
+    collectives it never predicts less time, and with async ones it never
+    exposes less communication than it moves."""
+    gpt = from_config(_load("mixtral_8x7b").model)
+    devices = 32
+    for hw in (H100, H100.replace(async_collectives=False)):
+        plain, sharded = (step_cost(gpt, Setting(ep, "capacity", 1.25, 1, 0, 0.0, accum, z),
+                                    seq_len=4096, batch_size=512, devices=devices, hw=hw)
+                          for z in (False, True))
+        dp = devices // ep
+        assert sharded.memory["params_per_device"] == pytest.approx(
+            plain.memory["params_per_device"] / dp)
+        assert sharded.memory["state"] < plain.memory["state"] / (dp / 2)
+        assert sharded.comm > plain.comm
+        assert sharded.exposed_comm <= sharded.comm + 1e-12
+        if not hw.async_collectives:
+            assert sharded.time > plain.time
+    # One device per expert-parallel group: nothing to shard over `data`.
+    one = step_cost(gpt, Setting(32, "capacity", 1.25, 1, 0, 0.0, 1, True), seq_len=4096,
+                    batch_size=512, devices=32, hw=H100)
+    flat = step_cost(gpt, Setting(32, "capacity", 1.25, 1, 0, 0.0, 1, False), seq_len=4096,
+                     batch_size=512, devices=32, hw=H100)
+    assert one.memory == flat.memory and one.time == pytest.approx(flat.time)
+
+
+def test_planner_recommends_fsdp_only_when_memory_needs_it():
+    """fp32 Mixtral on 4 x 8 H100 does not fit replicated at any accumulation,
+    so the plan shards it; with bf16 parameters it fits without."""
+    fp32, text = _plan("mixtral_8x7b", "h100", 4)
+    assert fp32["best"].setting.fsdp and "--config.mesh.fsdp=True" in fp32["overrides"]
+    assert fp32["best"].memory["total"] <= H100.mem_bytes and not fp32["notes"]
+    bf16, _ = _plan("mixtral_8x7b", "h100", 4, "--config.model.param_dtype=bfloat16")
+    assert not bf16["best"].setting.fsdp
+
+
 def test_pipeline_bounds():
     for n, a, c, b in itertools.product((1, 2, 5), (0.0, 1.0, 3.0), (0.5, 2.0), (0.0, 1.5)):
         t = pipeline_time([a] * n, [c] * n, [b] * n, overlap=True)
@@ -226,6 +264,7 @@ def test_recommended_overrides_pass_the_trainers_validation(variant, hw, nodes, 
         check_ep(gpt.moe, mesh, micro)
     best = result["best"].setting
     assert expert == best.ep and config.grad_accum_steps == best.grad_accum_steps
+    assert bool(config.mesh.fsdp) == best.fsdp
     if gpt.moe is not None:
         for key in ("dispatch", "overlap_chunks", "a2a_hierarchy"):
             assert getattr(gpt.moe, key) == getattr(best, key), key
