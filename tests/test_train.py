@@ -272,3 +272,24 @@ def test_resume_check_compares_the_model_not_how_it_runs():
     config.model.d_model = 2 * config.model.d_model
     with pytest.raises(ValueError, match="config.model.d_model"):
         loop._check_same_model(saved, config)
+
+
+def test_tokens_per_s_leaves_evaluation_out_but_keeps_its_window(monkeypatch):
+    """A window that ends in an evaluation counts all its steps over the
+    training time alone (a fake clock: no timing of this machine)."""
+    from jmoe.train import metrics
+
+    now = [0.0]
+    monkeypatch.setattr(metrics, "time", type("Clock", (), {
+        "perf_counter": staticmethod(lambda: now[0]), "time": staticmethod(lambda: now[0])}))
+    rep = metrics.Reporter("unused", total_steps=10, start_step=0, tokens_per_step=100,
+                           flops_per_step=1e3, peak_flops=1e6, enabled=False)
+    rep.reset_clock(1)  # after the first (compiling) step
+    now[0] = 3.0  # steps 2 and 3 take 1.5 s each
+    rep.add(2, {"loss": 1.0})
+    rep.add(3, {"loss": 0.5})
+    rep.eval(3, 0.7, seconds=10.0)
+    now[0] = 13.0  # the evaluation's 10 s
+    mean = rep.flush(3)
+    assert mean["tokens_per_s"] == pytest.approx(2 * 100 / 3.0)
+    assert mean["mfu"] == pytest.approx(2 * 1e3 / 3.0 / 1e6)

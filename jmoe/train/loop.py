@@ -301,8 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                 if step % config.checkpoint_every == 0 or step % config.eval_every == 0 or last:
                     drain()  # never save or evaluate a state whose loss was not checked
                 if step % config.eval_every == 0 or last:
-                    val_loss = evaluate(step)
-                    rep.reset_clock(step)
+                    val_loss = evaluate(step)  # its time is left out of tok/s
                 if step % config.checkpoint_every == 0 or last:
                     checkpoint.save(mgr, step, state, train_it.get_state(), config, force=last)
                 if last:

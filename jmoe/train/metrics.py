@@ -93,8 +93,13 @@ class Reporter:
             self.console.file.flush()  # visible at once when stdout is a file or pipe
 
     def reset_clock(self, step: int) -> None:
-        """Starts a new timing window (after compiles, evals and restores)."""
+        """Starts a new timing window (after the first step's compile)."""
         self.window_t0, self.window_step0 = time.perf_counter(), step
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` (an evaluation, its compile included) out of the
+        current timing window, whose steps still count toward tokens/s."""
+        self.window_t0 += seconds
 
     def add(self, step: int, metrics: dict) -> None:
         """Metrics of the step that produced `step` (host NumPy values)."""
@@ -143,6 +148,8 @@ class Reporter:
         return mean
 
     def eval(self, step: int, val_loss: float, seconds: float) -> None:
+        """Reports a validation loss; the `seconds` it took are not training time."""
+        self.exclude(seconds)
         if not self.enabled:
             return
         self._write(step, {"loss": val_loss}, prefix="val")
