@@ -17,8 +17,8 @@ forward+backward:
 
 All in one process, repeats interleaved across variants (the machine is
 shared and noisy), medians reported as ratios to the dense limit of the
-same direction ("x limit": median over rounds of wall time / the limit's wall time in
-the same round; "cpu x": the same in process CPU time, steadier when other
+same direction ("x limit": median over rounds of wall time / the limit's
+wall time in the same round; "cpu x": the same in process CPU time, steadier when other
 jobs share the cores). Backward is `jax.vjp` applied to a fixed random cotangent with every
 weight a jit argument (closed-over weights become constants and XLA folds
 part of the dense backward, which flatters the baseline).

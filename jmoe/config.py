@@ -69,8 +69,8 @@ class MoEConfig:
         anywhere on the mesh (one scalar all-reduce), so results equal the
         worst-case buffer's and nothing drops; a balanced router moves and
         regroups ~1.5x the minimum instead of EP x. Each bucket compiles one
-        more copy of the exchange, which is recomputed in the backward pass
-        (rematerialised). () = always the worst-case buffer. The native
+        more copy of the exchange, and the backward recomputes the bucket
+        taken (rematerialisation). () = always the worst-case buffer. The native
         ragged all-to-all (GPU) ignores it: it moves only the real rows.
       overlap_chunks: splits each shard's dispatched tokens into this many
         chunks whose all-to-alls and expert compute are independent, so the

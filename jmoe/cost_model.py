@@ -727,12 +727,11 @@ def step_cost(gpt, setting: Setting, *, seq_len: int, batch_size: int, devices: 
     multi_node = devices > hw.devices_per_node
     dp = devices // setting.ep
     dp_nodes = multi_node and dp * g_node > hw.devices_per_node  # the data axis crosses nodes
-    per_mb_bwd = sum(sum(o.bwd for o in lc.ops) * c for lc, c in layers.values())
-    per_mb = sum(lc.compute * c for lc, c in layers.values())
-    fsdp = setting.fsdp and dp > 1
-    if not fsdp:
+    if not (setting.fsdp and dp > 1):
         sync = (_ring_allreduce(non_exp * pb, devices, multi_node, hw)
                 + _ring_allreduce(exp / setting.ep * pb, dp, dp_nodes, hw))
+        # Hidden under the backward pass of the last micro-batch.
+        per_mb_bwd = sum(sum(o.bwd for o in lc.ops) * c for lc, c in layers.values())
         sync_exposed = max(0.0, sync - per_mb_bwd) if hw.async_collectives else sync
         params_dev = non_exp + exp / setting.ep
         gathered = 0.0
@@ -746,6 +745,7 @@ def step_cost(gpt, setting: Setting, *, seq_len: int, batch_size: int, devices: 
         gather = _ring_gather(local * pb, dp, dp_nodes, hw)
         sync = accum * (3 * gather + _ring_allreduce(non_exp / dp * pb, setting.ep,
                                                      multi_node and g_node < setting.ep, hw))
+        per_mb = sum(lc.compute * c for lc, c in layers.values())
         first = gather / max(1, gpt.num_layers)
         sync_exposed = (max(accum * 2 * first, sync - accum * per_mb) if hw.async_collectives
                         else sync)

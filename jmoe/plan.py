@@ -150,13 +150,13 @@ def _layer_rows(cur: cost_model.StepCost, best: cost_model.StepCost) -> list:
     return rows
 
 
-
 def _count(n: float) -> str:
     """A parameter count as people write it: 46.7B, 125.3M, 12.0K."""
     for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
     return f"{n:.0f}"
+
 
 def report(config, variant: str, hw, devices: int, result: dict, load: str,
            gpt, seq_len: int, batch_size: int) -> str:
