@@ -22,24 +22,57 @@ def stdlib_corpus():
     return data.load_corpus(_data_cfg(), 256)
 
 
+def _crc32(buf: bytes) -> int:
+    """CRC-32 (IEEE 802.3, zlib's), bit by bit from its definition: the
+    reference for the split's bucket, independent of the code under test."""
+    crc = 0xFFFFFFFF
+    for byte in buf:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0xEDB88320 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_val_split_is_the_crc32_bucket_of_the_file_name():
+    """A file is validation iff crc32(relative path, '/'-separated) % 10000
+    < val_percent * 100: fixed by the name, on any machine."""
+    assert _crc32(b"123456789") == 0xCBF43926  # the standard CRC-32 check value
+    names = ["json/decoder.py", "doctest.py", "os.py", "collections/__init__.py"]
+    buckets = {n: _crc32(n.encode()) % 10_000 for n in names}
+    is_val = {n: data._is_val_file(n, 2.0) for n in names}
+    assert is_val == {n: b < 200 for n, b in buckets.items()}
+    assert set(is_val.values()) == {True, False}  # the names cover both sides
+    for n, b in buckets.items():
+        # The threshold moves the file exactly at its bucket (half a bucket
+        # either side, clear of float rounding in val_percent * 100).
+        assert not data._is_val_file(n, (b - 0.5) / 100)
+        assert data._is_val_file(n, (b + 0.5) / 100)
+
+
 def test_stdlib_corpus_is_split_by_file_and_fixed(stdlib_corpus):
     c = stdlib_corpus
     assert c.vocab_size == 256 and c.train.dtype == np.uint8
     assert len(c.train) > 5_000_000 and 0.005 < len(c.val) / len(c.train) < 0.05
     root = data.stdlib_root()
     assert "site-packages" not in root
-    # The split is a pure function of the file name: the same file always
-    # lands on the same side, on any machine.
-    assert data._is_val_file("json/decoder.py", 2.0) == data._is_val_file("json/decoder.py", 2.0)
-    files = data._list_files(root, "*.py", ("site-packages", "__pycache__"))
+    files = data._list_files(root, "*.py", ("site-packages", "dist-packages", "__pycache__"))
     assert not any("site-packages" in f for f in files)
-    val_files = [f for f in files if data._is_val_file(f, 2.0)]
+    val_files = [f for f in files if _crc32(f.encode()) % 10_000 < 200]
     assert 0 < len(val_files) < len(files) / 10
-    # The first validation file's bytes appear verbatim in the validation split.
-    with open(os.path.join(root, val_files[0]), "rb") as f:
-        head = f.read(200)
-    if len(head) == 200:
-        assert head in c.val.tobytes()
+    # The validation split is exactly the validation files' bytes, in
+    # listing order (files over the size cap are left out of both splits).
+    val_bytes = []
+    for f in val_files:
+        path = os.path.join(root, f)
+        if os.path.getsize(path) <= data._MAX_FILE_BYTES:
+            with open(path, "rb") as fh:
+                val_bytes.append(fh.read())
+    assert len(val_bytes) > 0
+    assert c.val.tobytes() == b"".join(val_bytes)
+    # Every other file is training data, each exactly once.
+    train_files = sorted(set(files) - set(val_files))
+    sizes = [os.path.getsize(os.path.join(root, f)) for f in train_files]
+    assert len(c.train) == sum(s for s in sizes if s <= data._MAX_FILE_BYTES)
 
 
 def test_text_folder_and_file(tmp_path):

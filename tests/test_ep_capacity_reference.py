@@ -1,0 +1,225 @@
+"""Expert-parallel capacity dispatch with drops against a per-shard reference
+written by hand, and the capacity formula pinned by hand-computed cases.
+
+Under a mesh every token shard (data x expert) routes its own T_local tokens
+with its own capacity C = max(ceil(cf * T_local * K / E), min_capacity, 1)
+and applies `drop_policy` locally, like GShard's groups. The reference below
+decides who is kept per token in NumPy (never calling `MoEConfig.capacity`)
+and computes the kept assignments' expert MLPs with plain `jnp`, so
+`jax.vjp` of it is the reference gradient.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jax_core
+
+import jmoe
+from jmoe import routing
+from jmoe.sharding import make_mesh
+
+D, F, E, K, T = 16, 32, 8, 2, 64
+
+
+def _cfg(**kw):
+    base = dict(d_model=D, d_ff=F, num_experts=E, top_k=K, dispatch="capacity",
+                router="softmax_topk", renormalize=True, group_align=4)
+    base.update(kw)
+    return jmoe.MoEConfig(**base)
+
+
+# ------------------------------------------------------------- reference --
+
+def _hand_capacity(cf, t_local, k, e, min_capacity):
+    """The documented formula, written out here (not `cfg.capacity`)."""
+    return max(math.ceil(cf * t_local * k / e), min_capacity, 1)
+
+
+def _shard_decisions(logits_TE, t_local, cap, policy):
+    """Per token shard: each token's top-K experts (softmax, renormalised)
+    and which assignments find a slot. Returns (ids_TK, kept_TK, dropped)."""
+    t_count = logits_TE.shape[0]
+    ids_TK = np.zeros((t_count, K), np.int32)
+    kept_TK = np.zeros((t_count, K), bool)
+    for s in range(t_count // t_local):
+        toks = range(s * t_local, (s + 1) * t_local)
+        w = {}
+        for t in toks:
+            z = logits_TE[t] - logits_TE[t].max()
+            p = np.exp(z) / np.exp(z).sum()
+            ids_TK[t] = np.argsort(-p, kind="stable")[:K]
+            top = p[ids_TK[t]]
+            for k in range(K):
+                w[t, k] = top[k] / top.sum()
+        # GShard order: every top-1 choice before any top-2, then by token.
+        order = [(t, k) for k in range(K) for t in toks]
+        if policy == "probability":  # heavier weight first, ties in position order
+            order = sorted(order, key=lambda a: -w[a])
+        load = np.zeros(E, int)
+        for t, k in order:
+            e = ids_TK[t, k]
+            kept_TK[t, k] = load[e] < cap
+            load[e] += kept_TK[t, k]
+    return ids_TK, kept_TK, int((~kept_TK).sum())
+
+
+@jax.jit
+def _reference_layer(params, x_TD, ids_TK, kept_TK):
+    """y[t] = sum over kept k of w[t, k] * MLP_{ids[t, k]}(x[t]), with the
+    weights renormalised over all K chosen (dropped ones included)."""
+    logits_TE = x_TD @ params["router"]["w_DE"]
+    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    w_TK = jnp.take_along_axis(probs_TE, ids_TK, axis=1)
+    w_TK = w_TK / jnp.sum(w_TK, axis=1, keepdims=True)
+    ex = params["experts"]
+    gate = jnp.einsum("td,tkdf->tkf", x_TD, ex["w_gate_EDF"][ids_TK])
+    up = jnp.einsum("td,tkdf->tkf", x_TD, ex["w_up_EDF"][ids_TK])
+    y_TKD = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, ex["w_down_EFD"][ids_TK])
+    return jnp.einsum("tk,tkd->td", w_TK * kept_TK, y_TKD)
+
+
+def _reference(params, x, ct, t_local, cap, policy):
+    logits = np.asarray(x @ params["router"]["w_DE"], np.float32)
+    ids, kept, dropped = _shard_decisions(logits, t_local, cap, policy)
+    y, vjp = jax.vjp(lambda p, x: _reference_layer(p, x, ids, kept), params, x)
+    return y, vjp(ct), dropped
+
+
+def _layer(cfg, mesh, params, x, ct):
+    @jax.jit
+    def run(p, x, ct):
+        (y, aux), vjp = jax.vjp(lambda p, x: jmoe.moe_apply(p, x, cfg), p, x)
+        return y, aux, vjp((ct, jax.tree.map(jnp.zeros_like, aux)))
+    with jax.set_mesh(mesh):
+        return run(params, x, ct)
+
+
+def _assert_close(got, want, rtol=1e-5):
+    """Equal to `rtol` relative to each leaf's largest entry."""
+    lg, lw = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert len(lg) == len(lw)
+    for g, w in zip(lg, lw):
+        w = np.asarray(w)
+        np.testing.assert_allclose(np.asarray(g), w, rtol=rtol,
+                                   atol=rtol * float(np.max(np.abs(w))) + 1e-7)
+
+
+def _inputs(seed=0):
+    params = jmoe.init_params(jax.random.key(seed), _cfg())
+    x = jax.random.normal(jax.random.key(seed + 1), (T, D))
+    ct = jax.random.normal(jax.random.key(seed + 2), (T, D))
+    return params, x, ct
+
+
+def _mesh(data, expert, devices):
+    return make_mesh(data=data, expert=expert, devices=jax.devices()[:devices])
+
+
+def _check(cfg, mesh, shards, cap):
+    params, x, ct = _inputs()
+    y_ref, grads_ref, dropped = _reference(params, x, ct, T // shards, cap, cfg.drop_policy)
+    y, aux, grads = _layer(cfg, mesh, params, x, ct)
+    # Drops are large and counted exactly: the test is about overflowing shards.
+    assert dropped > 0.15 * T * K, dropped
+    assert float(aux.dropped_fraction) == pytest.approx(dropped / (T * K), rel=1e-6)
+    _assert_close(y, y_ref)
+    _assert_close(grads, grads_ref)
+    return aux
+
+
+# data, expert, a2a_hierarchy, devices used, capacity_factor, min_capacity,
+# and the per-shard capacity worked out by hand (T_local = 64 / (data*expert)).
+MESHES = [
+    (1, 8, 0, 8, 0.5, 2, 2),   # T_local=8:  ceil(0.5*8*2/8)=1 < min_capacity=2
+    (2, 4, 0, 8, 0.5, 1, 1),   # T_local=8:  ceil(1.0)=1
+    (2, 4, 2, 8, 0.75, 1, 2),  # T_local=8:  ceil(1.5)=2, two-level all-to-all
+    (2, 2, 0, 4, 0.6, 1, 3),   # T_local=16: ceil(2.4)=3, on 4 devices
+]
+
+
+@pytest.mark.parametrize("policy", ["position", "probability"])
+@pytest.mark.parametrize("data,expert,hierarchy,devices,cf,min_cap,cap", MESHES)
+def test_ep_capacity_with_drops_equals_per_shard_reference(
+        data, expert, hierarchy, devices, cf, min_cap, cap, policy):
+    """Forward, dropped fraction and gradients (x and every parameter) of the
+    expert-parallel capacity layer equal the per-shard reference."""
+    shards = data * expert
+    assert _hand_capacity(cf, T // shards, K, E, min_cap) == cap
+    cfg = _cfg(capacity_factor=cf, min_capacity=min_cap, drop_policy=policy,
+               a2a_hierarchy=hierarchy)
+    _check(cfg, _mesh(data, expert, devices), shards, cap)
+
+
+def _count_all_to_alls(cfg, mesh):
+    params, x, _ = _inputs()
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda p, x: jmoe.moe_apply(p, x, cfg)[0])(params, x).jaxpr
+
+    def eqns(j):
+        for e in j.eqns:
+            yield e
+            for sub in jax_core.jaxprs_in_params(e.params):
+                yield from eqns(sub)
+    return sum(e.primitive.name == "all_to_all" for e in eqns(jaxpr))
+
+
+@pytest.mark.parametrize("data,expert,devices,cf,cap,policy", [
+    (2, 4, 8, 0.75, 2, "position"),      # C=2: chunks of 1 + 1 slots
+    (2, 2, 4, 0.6, 3, "probability"),    # C=3: chunks of 2 + 1 slots
+])
+def test_ep_capacity_overlap_chunks_with_drops_equals_reference(data, expert, devices, cf, cap,
+                                                                 policy):
+    """overlap_chunks=2 cuts the C slots in two exchanges (twice the
+    all-to-alls), and with drops still equals the per-shard reference."""
+    shards = data * expert
+    assert _hand_capacity(cf, T // shards, K, E, 1) == cap
+    mesh = _mesh(data, expert, devices)
+    cfg = _cfg(capacity_factor=cf, min_capacity=1, drop_policy=policy)
+    chunked = cfg.replace(overlap_chunks=2)
+    assert _count_all_to_alls(chunked, mesh) == 2 * _count_all_to_alls(cfg, mesh) > 0
+    _check(chunked, mesh, shards, cap)
+
+
+# ------------------------------------------------------- capacity formula --
+
+@pytest.mark.parametrize("cf,t,k,e,min_cap,want", [
+    (1.25, 10, 2, 8, 1, 4),   # 1.25*10*2/8 = 3.125 -> 4
+    (1.0, 16, 2, 8, 0, 4),    # exactly 4.0: no rounding up past an integer
+    (2.0, 12, 1, 4, 0, 6),    # exactly 6.0
+    (1.0, 4, 1, 8, 3, 3),     # ceil(0.5) = 1, min_capacity wins
+    (0.1, 1, 1, 8, 0, 1),     # ceil(0.0125) = 1; never below 1
+    (0.5, 7, 3, 6, 0, 2),     # 0.5*7*3/6 = 1.75 -> 2
+    (1.5, 100, 2, 16, 4, 19), # 18.75 -> 19, above min_capacity
+])
+def test_capacity_formula_by_hand(cf, t, k, e, min_cap, want):
+    cfg = jmoe.MoEConfig(d_model=D, d_ff=F, num_experts=e, top_k=k, dispatch="capacity",
+                         renormalize=False, capacity_factor=cf, min_capacity=min_cap)
+    assert cfg.capacity(t) == want
+    # Expert choice fills the same number of slots per expert.
+    ec = cfg.replace(router="expert_choice")
+    assert ec.capacity(t) == want
+
+
+def test_expert_choice_takes_the_hand_computed_capacity():
+    """Each expert takes ceil(cf*T*K/E) tokens, at most T."""
+    logits = jax.random.normal(jax.random.key(0), (10, E))
+    cfg = _cfg(router="expert_choice", capacity_factor=1.25, min_capacity=1)
+    assert routing.route(logits, cfg).tokens_EC.shape == (E, 4)   # ceil(3.125)
+    big = cfg.replace(capacity_factor=8.0)                          # 20 slots > 10 tokens
+    assert routing.route(logits, big).tokens_EC.shape == (E, 10)
+
+
+@pytest.mark.parametrize("cf,min_cap,kept_per_expert", [(1.25, 1, 4), (1.25, 6, 6),
+                                                        (1.0, 0, 3)])
+def test_one_device_layer_keeps_the_hand_computed_capacity(cf, min_cap, kept_per_expert):
+    """Every token sends both assignments to experts 0 and 1 (bias on
+    selection), so each keeps exactly C of its T=10: dropped = (2T - 2C) / 2T."""
+    cfg = _cfg(router="sigmoid_topk", capacity_factor=cf, min_capacity=min_cap)
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    bias = jnp.zeros((E,)).at[:2].set(100.0)
+    x = jax.random.normal(jax.random.key(1), (10, D))
+    _, aux = jax.jit(lambda p, x, b: jmoe.moe_apply(p, x, cfg, bias=b))(params, x, bias)
+    assert float(aux.dropped_fraction) == pytest.approx((20 - 2 * kept_per_expert) / 20)
