@@ -20,7 +20,7 @@ flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and metric
                     "(default: runs/<config name>[_<variant>]).")
 flags.DEFINE_bool("gpu_overlap_flags", True, "On GPU, add the XLA flags for the latency-hiding "
                   "scheduler and async collectives that the installed jaxlib supports "
-                  "(jmoe.sharding.xla_flags); nothing is added on CPU.")
+                  "(jmoe.runtime.xla_flags); nothing is added on CPU.")
 cli.define_distributed_flags()  # --coordinator_address etc.; SLURM needs none
 
 
@@ -28,12 +28,12 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-    from jmoe.sharding.distributed import DistributedError, exit_promptly_on_error
+    from jmoe.runtime.distributed import DistributedError, exit_promptly_on_error
     from jmoe.train import ConfigError, NonFiniteLoss, run
 
     cli.config_file()
     # Before anything starts a JAX backend: XLA reads its flags once.
-    from jmoe.sharding import xla_flags
+    from jmoe.runtime import xla_flags
     xla_flags.configure_cpu_workarounds()
     if flags.FLAGS.gpu_overlap_flags:
         added = xla_flags.configure_gpu_overlap()

@@ -6,12 +6,12 @@
 Each row runs `jmoe.moe_apply` on 8 virtual CPU devices under a mesh from
 `jmoe.sharding.make_mesh`, forward + backward as `jax.vjp` with a random
 cotangent and every weight passed as an argument of the jitted function, and
-compares its median time with `jmoe.cost_model.moe_layer_cost` on the
+compares its median time with `jmoe.planner.layer_cost.moe_layer_cost` on the
 `cpu-local` profile.
 
 The machine is shared and its load drifts, so the profile is re-measured
 *alongside* each row: every repeat times the calibration micro-benchmarks
-(`jmoe.hardware.CpuCalibrator`) and then the layer, and the row's
+(`jmoe.planner.calibrate.CpuCalibrator`) and then the layer, and the row's
 prediction uses the medians of that row's calibration samples. The
 prediction never sees the layer's own timing. `predicted_start_s` is the
 same prediction from the one calibration at start, for comparison, and
@@ -40,10 +40,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jmoe  # noqa: E402
-from jmoe.sharding.xla_flags import configure_cpu_workarounds  # noqa: E402
+from jmoe.runtime.xla_flags import configure_cpu_workarounds  # noqa: E402
 
 configure_cpu_workarounds()  # before the first computation
-from jmoe import cost_model, hardware  # noqa: E402
+from jmoe.planner import calibrate, hardware, layer_cost  # noqa: E402
 from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
 
 # (tokens, d_model, d_ff, experts, top_k, dispatch, overlap_chunks, data, expert)
@@ -88,7 +88,7 @@ def main(argv=None):
     repeats = 3 if a.quick else a.repeats
 
     t0 = time.perf_counter()
-    cal = hardware.CpuCalibrator(8)
+    cal = calibrate.CpuCalibrator(8)
     start = cal.measure(7)
     print(f"cpu-local at start ({time.perf_counter() - t0:.1f}s): "
           f"{start['mm_flops'] / 1e9:.1f} GFLOP/s, mem {start['mem_bw'] / 1e9:.2f} GB/s, "
@@ -99,7 +99,8 @@ def main(argv=None):
     results = []
     for (t, d, f, e, k, disp, n, data, expert) in rows:
         cfg = jmoe.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, dispatch=disp,
-                             overlap_chunks=n, activation=a.activation)
+                             activation=a.activation,
+                             execution=jmoe.Execution(overlap_chunks=n))
         mesh = make_mesh(data=data, expert=expert)
         tok = NamedSharding(mesh, P(("data", "expert"), None))
         params = jax.device_put(jmoe.init_params(jax.random.key(0), cfg),
@@ -130,7 +131,7 @@ def main(argv=None):
 
         def predict(rates):
             hw = hardware.cpu_profile_from(rates)
-            lc = cost_model.moe_layer_cost(cfg, tokens_dev, expert, hw, load_E=load_E,
+            lc = layer_cost.moe_layer_cost(cfg, tokens_dev, expert, hw, load_E=load_E,
                                            dtype="float32", backend="cpu")
             return lc.time + hw.launch_overhead, lc
 

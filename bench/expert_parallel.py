@@ -22,24 +22,16 @@ T_local*K*D*bytes*(EP-1)/EP (uniform routing).
 
 from __future__ import annotations
 
-import os
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+import harness
+import jmoe
+from jmoe import dispatch, experts, routing
+from jmoe.sharding import make_mesh, moe_shardings
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-import harness  # noqa: E402
-import jmoe  # noqa: E402
-from jmoe import dispatch, experts, routing  # noqa: E402
-from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
+harness.setup(host_devices=8)  # before the first computation
 
 
 def gspmd_capacity(cfg, mesh, groups):
@@ -54,7 +46,7 @@ def gspmd_capacity(cfg, mesh, groups):
 
         def route_and_pack(x_SD):
             r = routing.route(routing.router_logits(x_SD, params["router"]["w_DE"]), cfg)
-            plan = dispatch.capacity_plan(r.experts_TK, r.weights_TK, cfg.num_experts, c)
+            plan = dispatch.capacity_permutation(r.experts_TK, r.weights_TK, cfg.num_experts, c)
             buf = dispatch.permute(x_SD, plan.slot_TK, plan.src_R)
             return buf.reshape(cfg.num_experts, c, d), (r.weights_TK, plan)
 
@@ -73,14 +65,6 @@ def gspmd_capacity(cfg, mesh, groups):
 
 def layer(cfg, mesh):
     return lambda x_TD, params: jmoe.moe_apply(params, x_TD, cfg, mesh=mesh)[0]
-
-
-def fwd_bwd(f):
-    @jax.jit
-    def run(ct, x, params):
-        y, vjp = jax.vjp(f, x, params)
-        return y, vjp(ct)
-    return run
 
 
 def exchange_bytes(cfg, params, x, shards, ep):
@@ -113,25 +97,14 @@ def exchange_bytes(cfg, params, x, shards, ep):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--d_model", type=int, default=256)
-    p.add_argument("--d_ff", type=int, default=1024)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top_k", type=int, default=2)
-    p.add_argument("--cf", type=float, default=1.25)
+    p = harness.parser(__doc__, repeats=5, quick=dict(tokens=512, d_model=32, d_ff=64, repeats=2))
+    harness.add_layer_flags(p, d_model=256, d_ff=1024)
     p.add_argument("--data", type=int, default=1)
     p.add_argument("--expert", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke test)")
-    p.add_argument("--json", type=str, default=None)
     a = p.parse_args(argv)
-    if a.quick:
-        a.tokens, a.d_model, a.d_ff, a.repeats = 512, 32, 64, 2
     mesh = make_mesh(data=a.data, expert=a.expert)
     shards = a.data * a.expert
-    base = jmoe.MoEConfig(d_model=a.d_model, d_ff=a.d_ff, num_experts=a.experts,
-                          top_k=a.top_k, activation="gelu", capacity_factor=a.cf)
+    base = harness.layer_config(a)
     cap, drop = base.replace(dispatch="capacity"), base.replace(dispatch="dropless")
     params = jmoe.init_params(jax.random.key(0), base)
     sharded = jax.device_put(params, moe_shardings(base, mesh))
@@ -140,28 +113,24 @@ def main(argv=None):
     ct = jax.device_put(jax.random.normal(jax.random.key(2), x.shape), tok)
     x1, ct1 = jax.device_put(x, jax.devices()[0]), jax.device_put(ct, jax.devices()[0])
     p1 = jax.device_put(params, jax.devices()[0])
+    fwd_bwd = harness.fwd_bwd
     rows = {
         "one_device": (fwd_bwd(layer(drop, None)), (ct1, x1, p1)),
         "gspmd_capacity": (fwd_bwd(gspmd_capacity(cap, mesh, shards)), (ct, x, sharded)),
         "jmoe_capacity": (fwd_bwd(layer(cap, mesh)), (ct, x, sharded)),
         "jmoe_dropless": (fwd_bwd(layer(drop, mesh)), (ct, x, sharded)),
-        "jmoe_dropless_worst_case": (fwd_bwd(layer(drop.replace(ep_buckets=()), mesh)),
+        "jmoe_dropless_worst_case": (fwd_bwd(layer(drop.with_execution(ep_buckets=()), mesh)),
                                      (ct, x, sharded)),
     }
+    shape = {**harness.layer_shape(a), "data": a.data, "expert": a.expert}
     print(f"platform={jax.default_backend()} mesh data={a.data} expert={a.expert} "
-          f"T={a.tokens} D={a.d_model} F={a.d_ff} E={a.experts} K={a.top_k} cf={a.cf}",
-          flush=True)
-    med = harness.time_interleaved(rows, a.repeats, log=lambda m: print(m, flush=True))
-    out_rows = harness.ratio_rows(med, "gspmd_capacity")
-    harness.print_table(out_rows, "gspmd_capacity")
+          + harness.describe(**harness.layer_shape(a)), flush=True)
+    out_rows = harness.compare(rows, a.repeats, reference="gspmd_capacity")
     b = exchange_bytes(base, params, np.asarray(x), shards, a.expert)
-    print("\n| bytes per device per all-to-all | bytes | ratio to analytic minimum |\n|---|---|---|")
-    for k, v in b.items():
-        print(f"| {k} | {v:,.0f} | {v / b['analytic_min_bytes']:.2f}x |")
-    result = {"platform": jax.default_backend(), "jax": jax.__version__,
-              "shape": {"T": a.tokens, "D": a.d_model, "F": a.d_ff, "E": a.experts,
-                        "K": a.top_k, "cf": a.cf, "data": a.data, "expert": a.expert},
-              "rows": out_rows, "bytes": b}
+    harness.print_markdown(
+        ["bytes per device per all-to-all", "bytes", "ratio to analytic minimum"],
+        [[k, f"{v:,.0f}", f"{v / b['analytic_min_bytes']:.2f}x"] for k, v in b.items()])
+    result = {**harness.machine_info(), "shape": shape, "rows": out_rows, "bytes": b}
     harness.write_json(a.json, result)
     return result
 

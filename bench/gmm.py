@@ -29,21 +29,14 @@ matmul rate.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import sys
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jmoe import kernels  # pylint: disable=g-import-not-at-top
+import harness
+from jmoe import kernels
 
 
 def balanced_sizes(m: int, g: int) -> np.ndarray:
@@ -58,19 +51,8 @@ def skewed_sizes(m: int, g: int, align: int = 128, s: float = 1.2) -> np.ndarray
     return sizes.astype(np.int32)
 
 
-def _fwd_bwd(f: Callable) -> Callable:
-    """(x, w, gs, dy) -> (y, dx, dw) via jax.vjp with a given cotangent."""
-
-    def run(x, w, gs, dy):
-        y, vjp = jax.vjp(lambda a, b: f(a, b, gs), x, w)
-        dx, dw = vjp(dy)
-        return y, dx, dw
-
-    return run
-
-
 def make_variants(sizes: np.ndarray, backends: list[str]) -> dict[str, Callable]:
-    """name -> f(x_MK, w_GKN, gs_G) -> y_MN."""
+    """name -> f(x_MI, w_GIN, gs_G) -> y_MN."""
     static_sizes = [int(s) for s in sizes]
 
     def dense(x, w, gs):
@@ -97,35 +79,8 @@ def make_variants(sizes: np.ndarray, backends: list[str]) -> dict[str, Callable]
     return variants
 
 
-def time_interleaved(fns: dict, args: dict, repeats: int, ref_of: Callable):
-    """Per fn: median wall time, median of per-round wall ratios to its
-    reference fn (timed in the same round, so load drift cancels), and the
-    same ratio in process CPU time (threads summed; steadier when other jobs
-    share the cores). Repeats are interleaved across fns."""
-    wall = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    for k, f in fns.items():  # compile + warm up
-        jax.block_until_ready(f(*args[k]))
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            jax.block_until_ready(f(*args[k]))
-            cpu[k].append(time.process_time() - c0)
-            wall[k].append(time.perf_counter() - t0)
-    out = {}
-    for k in fns:
-        r = ref_of(k)
-        out[k] = (float(np.median(wall[k])),
-                  float(np.median(np.array(wall[k]) / np.array(wall[r]))),
-                  float(np.median(np.array(cpu[k]) / np.array(cpu[r]))))
-    return out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", default=None, help="write results to this path")
-    ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap = harness.parser(__doc__, repeats=7, quick=dict(repeats=3))
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="default: float32 on CPU, bfloat16 on GPU (where "
                     "fp32 Pallas dots run at full IEEE precision, no TF32)")
@@ -144,7 +99,6 @@ def main() -> None:
         m, k, n, g = 8192, 512, 2048, 8
     if a.shape:
         m, k, n, g = (int(v) for v in a.shape.split(","))
-    repeats = a.repeats or (3 if a.quick else 7)
     on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
     backends = ["xla", "pallas"] if on_gpu else ["xla"]
     dtype = jnp.dtype(a.dtype or ("bfloat16" if on_gpu else "float32"))
@@ -168,15 +122,18 @@ def main() -> None:
         variants = make_variants(sizes, backends)
         if a.skip_ragged:
             variants.pop("ragged_dot")
-        fns, args = {}, {}
+        timed = {}
         for name, f in variants.items():
-            fns[("fwd", name)] = jax.jit(f)
-            args[("fwd", name)] = (x, w, gs)
-            fns[("fwd+bwd", name)] = jax.jit(_fwd_bwd(f))
-            args[("fwd+bwd", name)] = (x, w, gs, dy)
-        med = time_interleaved(fns, args, repeats,
-                               ref_of=lambda key: (key[0], "dense (limit)"))
-        for (pss, name), (t, ratio, cpu_ratio) in med.items():
+            timed[("fwd", name)] = (jax.jit(f), (x, w, gs))
+            # Differentiates x and w; the group sizes stay an argument.
+            timed[("fwd+bwd", name)] = (harness.fwd_bwd(f, diff_args=2), (dy, x, w, gs))
+        samples = harness.sample_interleaved(timed, a.repeats, log=None)
+        med = {key: float(np.median(s["wall"])) for key, s in samples.items()}
+        for (pss, name), t in med.items():
+            # Ratios to the dense limit of the same pass, round by round.
+            ref = (pss, "dense (limit)")
+            ratio = harness.paired_ratio(samples, (pss, name), ref)
+            cpu_ratio = harness.paired_ratio(samples, (pss, name), ref, clock="cpu")
             flops = flops_fwd * (1 if pss == "fwd" else 3)
             row = {"name": f"{case}/{pss}/{name}", "case": case, "pass": pss,
                    "variant": name, "median_s": t, "ratio": ratio,
@@ -184,7 +141,7 @@ def main() -> None:
             line = (f"{case:9} {pss:8} {name:16} {t * 1e3:10.2f} {ratio:8.2f}"
                     f" {cpu_ratio:8.2f}")
             if on_gpu:
-                limit = med[(pss, "dense (limit)")][0]
+                limit = med[ref]
                 row["tflops"] = flops / t / 1e12
                 row["fraction_of_dense"] = limit / t
                 line += f" {row['tflops']:8.1f} {100 * limit / t:7.0f}%"
@@ -193,34 +150,25 @@ def main() -> None:
         # The headline: how much faster than ragged_dot.
         for pss in ("fwd", "fwd+bwd"):
             if (pss, "ragged_dot") in med:
-                sp = med[(pss, "ragged_dot")][0] / med[(pss, "gmm[xla]")][0]
+                sp = med[(pss, "ragged_dot")] / med[(pss, "gmm[xla]")]
                 lines.append(f"{case:9} {pss:8} gmm[xla] is {sp:.1f}x faster "
                              "than ragged_dot")
 
     print(f"platform={jax.default_backend()} devices={jax.devices()[0].device_kind} "
-          f"M={m} K={k} N={n} G={g} dtype={dtype.name} repeats={repeats}")
+          f"M={m} K={k} N={n} G={g} dtype={dtype.name} repeats={a.repeats}")
     for case, sizes in cases.items():
         print(f"  {case} group sizes: {sizes.tolist()}")
     print(header)
     for line in lines:
         print(line)
 
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        out = {
-            "platform": jax.default_backend(),
-            "device_kind": jax.devices()[0].device_kind,
-            "host": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-            "shape": {"M": m, "K": k, "N": n, "G": g, "dtype": dtype.name},
-            "group_sizes": {c: s.tolist() for c, s in cases.items()},
-            "repeats": repeats,
-            "rows": rows,
-        }
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {a.json}")
+    harness.write_json(a.json, {
+        **harness.machine_info(),
+        "shape": {"M": m, "K": k, "N": n, "G": g, "dtype": dtype.name},
+        "group_sizes": {c: s.tolist() for c, s in cases.items()},
+        "repeats": a.repeats,
+        "rows": rows,
+    })
 
 
 if __name__ == "__main__":

@@ -17,19 +17,14 @@ reports medians and the ratio to `dense_limit`, all from this one process.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-import harness  # noqa: E402
-import jmoe  # noqa: E402
+import harness
+import jmoe
+
+harness.setup()  # before the first computation
 
 
 def dense_limit(cfg, t):
@@ -92,32 +87,12 @@ def sort_ragged_dot(cfg, t):
     return f
 
 
-def fwd_bwd(f):
-    """jit(x, *weights, ct) -> all input cotangents, via jax.vjp."""
-    @jax.jit
-    def run(ct, *args):
-        y, vjp = jax.vjp(f, *args)
-        return y, vjp(ct)
-    return run
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--d_model", type=int, default=512)
-    p.add_argument("--d_ff", type=int, default=2048)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top_k", type=int, default=2)
-    p.add_argument("--cf", type=float, default=1.25)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (smoke test)")
-    p.add_argument("--json", type=str, default=None, help="write results here")
+    p = harness.parser(__doc__, repeats=7, quick=dict(tokens=256, d_model=64, d_ff=128, repeats=2))
+    harness.add_layer_flags(p)
     a = p.parse_args(argv)
-    if a.quick:
-        a.tokens, a.d_model, a.d_ff, a.repeats = 256, 64, 128, 2
     t = a.tokens
-    base = jmoe.MoEConfig(d_model=a.d_model, d_ff=a.d_ff, num_experts=a.experts,
-                          top_k=a.top_k, activation="gelu", capacity_factor=a.cf)
+    base = harness.layer_config(a)
     cap_cfg = base.replace(dispatch="capacity")
     drop_cfg = base.replace(dispatch="dropless")
     params = jmoe.init_params(jax.random.key(0), base)
@@ -125,6 +100,7 @@ def main(argv=None):
     ct = jax.random.normal(jax.random.key(2), (t, a.d_model))
     dense_f, dense_args = dense_limit(base, t)
     dense_ct = jax.random.normal(jax.random.key(3), (t * a.top_k, a.d_model))
+    fwd_bwd = harness.fwd_bwd
     rows = {
         "dense_limit": (fwd_bwd(dense_f), (dense_ct,) + dense_args),
         "jmoe_capacity": (fwd_bwd(jmoe_layer(cap_cfg)), (ct, x, params)),
@@ -132,15 +108,12 @@ def main(argv=None):
         "onehot_einsum": (fwd_bwd(onehot_einsum(cap_cfg, t)), (ct, x, params)),
         "sort_ragged_dot": (fwd_bwd(sort_ragged_dot(drop_cfg, t)), (ct, x, params)),
     }
-    print(f"platform={jax.default_backend()} devices={jax.device_count()} "
-          f"T={t} D={a.d_model} F={a.d_ff} E={a.experts} K={a.top_k} cf={a.cf}", flush=True)
-    med = harness.time_interleaved(rows, a.repeats, log=lambda m: print(m, flush=True))
-    out_rows = harness.ratio_rows(med, "dense_limit")
-    harness.print_table(out_rows, "dense_limit")
-    result = {"platform": jax.default_backend(), "machine": platform.machine(),
-              "jax": jax.__version__,
-              "shape": {"T": t, "D": a.d_model, "F": a.d_ff, "E": a.experts, "K": a.top_k,
-                        "cf": a.cf, "activation": "gelu", "dtype": "float32"},
+    shape = harness.layer_shape(a)
+    print(harness.describe(platform=jax.default_backend(), devices=jax.device_count(), **shape),
+          flush=True)
+    out_rows = harness.compare(rows, a.repeats, reference="dense_limit")
+    result = {**harness.machine_info(),
+              "shape": {**shape, "activation": "gelu", "dtype": "float32"},
               "repeats": a.repeats, "rows": out_rows}
     harness.write_json(a.json, result)
     return result

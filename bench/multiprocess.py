@@ -17,7 +17,7 @@ The layouts:
 
   1x8  one process with 8 devices: collectives stay inside XLA:CPU;
   2x4  two processes with 4 devices each, started the way `srun` starts
-       tasks (emulated SLURM variables, `jmoe.sharding.distributed`): every
+       tasks (emulated SLURM variables, `jmoe.runtime.distributed`): every
        collective that crosses the process boundary goes through gloo over
        TCP loopback.
 
@@ -40,9 +40,18 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import jax
+import numpy as np
+
+import harness
+from harness import ROOT
+from jmoe import model as model_lib
+from jmoe.runtime import distributed as dist
+from jmoe.sharding import make_mesh
+from jmoe.train import data, loop, mesh as mesh_lib, step as step_lib
+from jmoe.train.cli import load_config
+
 LAYOUTS = {"1x8": (1, 8), "2x4": (2, 4)}  # processes x devices per process
 MESHES = {"expert8": {"mesh.data": 1, "mesh.expert": 8},
           "data8": {"mesh.data": 8, "mesh.expert": 1}}
@@ -66,21 +75,11 @@ def parse_sets(items: list[str]) -> dict:
 
 def worker(args) -> None:
     """One process of a layout: join the job, build the trainer's step, time it."""
-    sys.path.insert(0, ROOT)
-    from jmoe.sharding import distributed as dist
-
-    dist.initialize()  # emulated SLURM (2x4) or a single process (1x8)
-    import jax
-    import numpy as np
-
-    from jmoe import model as model_lib
-    from jmoe.train import data, loop, mesh as mesh_lib, step as step_lib
-
-    from jmoe.train.cli import load_config
+    dist.initialize()  # emulated SLURM (2x4) or a single process (1x8); before any backend
     config = load_config(os.path.join(ROOT, "configs", "gpt_moe.py"),
                          overrides=parse_sets(args.set))
     gpt = loop.validate_config(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, owner="config.mesh")
     loop.validate_mesh(config, gpt, mesh)
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     schedule = step_lib.make_schedule(config.opt, config.total_steps)
@@ -151,8 +150,7 @@ def launch(layout: str, sets: list[str], steps: int, timeout: float) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", default="", help="Write the results here.")
+    ap = harness.parser(__doc__)
     ap.add_argument("--steps", type=int, default=5, help="Timed steps per launch.")
     ap.add_argument("--rounds", type=int, default=2, help="Alternating launches per layout.")
     ap.add_argument("--set", action="append", default=[],
@@ -164,9 +162,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import harness
 
     results = {}
     for model in args.models.split(","):
@@ -188,16 +183,19 @@ def main() -> None:
                        ratio_2x4_over_1x8=row["2x4"]["step_s"] / row["1x8"]["step_s"])
             results[name] = row
 
-    print("\n| model / mesh | 1 process x 8 devices: step (s) | 2 processes x 4 devices: "
-          "step (s) | ratio 2x4 / 1x8 |\n|---|---|---|---|")
+    table = []
     for name, r in results.items():
-        mesh = ", ".join(f"{k.split('.')[1]}={v}" for k, v in MESHES[name.split("/")[1]].items())
-        print(f"| {name.split('/')[0]} / {mesh} | {r['1x8']['step_s']:.4f} "
-              f"| {r['2x4']['step_s']:.4f} | {r['ratio_2x4_over_1x8']:.2f}x |")
+        model, mesh_name = name.split("/")
+        mesh = ", ".join(f"{k.split('.')[1]}={v}" for k, v in MESHES[mesh_name].items())
+        table.append([f"{model} / {mesh}", f"{r['1x8']['step_s']:.4f}",
+                      f"{r['2x4']['step_s']:.4f}", f"{r['ratio_2x4_over_1x8']:.2f}x"])
+    harness.print_markdown(["model / mesh", "1 process x 8 devices: step (s)",
+                            "2 processes x 4 devices: step (s)", "ratio 2x4 / 1x8"], table)
     harness.write_json(args.json, {
         "what": "median train-step time (s), same 8 CPU devices as 1 process x 8 or "
                 "2 processes x 4 (gloo over loopback)",
-        "jax": metadata.version("jax"), "cpu_count": os.cpu_count(),
+        # The workers computed; this process never starts a backend.
+        **harness.machine_info(backend=False),
         "steps": args.steps, "rounds": args.rounds, "results": results})
 
 

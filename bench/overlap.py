@@ -8,7 +8,7 @@ modes, interleaved in one process. XLA:CPU runs collectives synchronously, so
 no gain is expected here: chunking only adds per-chunk overhead, and the
 table shows how much.
 
-Part 2 is the cost model's prediction (`jmoe.cost_model.moe_layer_cost`) of
+Part 2 is the cost model's prediction (`jmoe.planner.layer_cost.moe_layer_cost`) of
 one Mixtral-shaped MoE layer (bf16, D=4096, F=14336, E=8, K=2, 8192 tokens
 per GPU, expert-parallel over the 8 GPUs of one node) for n in {1, 2, 4, 8}
 on the GPU hardware profiles, where async collectives can hide the
@@ -17,23 +17,16 @@ all-to-all behind expert compute.
 
 from __future__ import annotations
 
-import os
+import argparse
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import harness  # first: puts this checkout ahead of an installed jmoe
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-import harness  # noqa: E402
+harness.setup(host_devices=8, platforms="cpu")
 import jmoe  # noqa: E402
-from jmoe import cost_model, hardware  # noqa: E402
+from jmoe.planner import hardware, layer_cost  # noqa: E402
 from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
 
 
@@ -48,7 +41,7 @@ def measure(a) -> list:
     rows = {}
     for dispatch in ("capacity", "dropless"):
         for n in (1, 2, 4):
-            cfg = base.replace(dispatch=dispatch, overlap_chunks=n)
+            cfg = base.replace(dispatch=dispatch).with_execution(overlap_chunks=n)
 
             @jax.jit
             def run(ct, x, p, cfg=cfg):
@@ -74,7 +67,7 @@ def predict() -> list:
         hw = hardware.get(hw_name)
         base = None
         for n in (1, 2, 4, 8):
-            lc = cost_model.moe_layer_cost(moe.replace(overlap_chunks=n), 8192, 8, hw)
+            lc = layer_cost.moe_layer_cost(moe.with_execution(overlap_chunks=n), 8192, 8, hw)
             base = base or lc.time
             out.append({"hardware": hw_name, "overlap_chunks": n, "predicted_ms": lc.time * 1e3,
                         "a2a_ms": lc.a2a * 1e3, "hidden_ms": lc.hidden * 1e3,

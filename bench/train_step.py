@@ -8,16 +8,11 @@ next to the trainer it times): step time and tokens/s of each model, the MoE
 tax as the median ratio of neighbouring rounds, peak RSS, JSON.
 """
 
-import os
-import sys
+from absl import app
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from absl import app  # noqa: E402
-
-from jmoe.sharding.xla_flags import configure_cpu_workarounds  # noqa: E402
-from jmoe.train import bench  # noqa: E402
+import harness
+from jmoe.train import bench
 
 if __name__ == "__main__":
-    configure_cpu_workarounds()
+    harness.setup()  # before the first computation
     app.run(bench.main)

@@ -28,12 +28,14 @@ Variants are picked after a colon, and any field can be overridden:
 The large variants are meant for GPU clusters (see scripts/slurm/); on a CPU
 they are only checked with `jax.eval_shape` (tests/test_model.py).
 
-What to expect from the default run on a 2-core CPU: validation loss 2.16
-nats/byte at step 50, 1.80 at step 100, 1.52 at step 200 (the dense model
-with the same active parameters, `:dense`: 2.16 / 1.82 / 1.53); the last line
-printed is `done: step 200  train loss 1.50  val loss 1.52 nats/token  wall
-time ...`. About 8 minutes (estimated) on an idle 2-core CPU; 16 were measured on
-one shared with other jobs. See README.md ("Training a GPT-MoE").
+What to expect from the default run on a 2-core CPU: validation loss about
+2.15-2.17 nats/byte at step 50, 1.80-1.82 at 100, 1.60-1.62 at 150 and
+1.51-1.52 at 200 (the range of two runs on two machines;
+a run resumed after a kill repeats its own uninterrupted losses bit for bit
+on one machine, not across machines); the last line printed is `done: step
+200  train loss ...  val loss ... nats/token  wall time ...`. The whole
+command took 8m28s on an idle 2-core machine (506 s of training), longer on
+a shared one. See README.md and docs/training.md.
 """
 
 import ml_collections
@@ -60,10 +62,7 @@ def _model(**kw) -> ml_collections.ConfigDict:
         tie_embeddings=False,
         dtype="float32",  # compute dtype ("bfloat16" on GPU/TPU)
         param_dtype="float32",
-        remat="none",  # none | full | dots
-        lancet_chunks=1,  # Lancet-style token chunks around each MoE (math-identical)
         scmoe=False,  # ScMoE shortcut-connected MoE: a different model, off by default
-        fsdp_collective_matmul=False,  # FSDP weight gathers as ppermute rings (needs mesh.fsdp)
         # --- MoE layer (jmoe.MoEConfig) ---
         num_experts=16,
         top_k=2,
@@ -84,17 +83,30 @@ def _model(**kw) -> ml_collections.ConfigDict:
         num_shared_experts=0,
         shared_d_ff=0,
         shared_gate=False,
-        gmm_backend="auto",
+        ep_recv_factor=0.0,  # cap on the dropless receive buffer when config.mesh.expert > 1 (0: none)
+    )
+    m.update(kw)
+    return ml_collections.ConfigDict(m)
+
+
+def _execution(**kw) -> ml_collections.ConfigDict:
+    """`config.execution`: how the model runs, never what it computes
+    (jmoe.model_config.ModelExecution + jmoe.Execution). Free to change
+    between runs of one workdir, like the mesh."""
+    e = dict(
+        remat="none",  # none | full | dots
+        lancet_chunks=1,  # Lancet-style token chunks around each MoE
+        fsdp_collective_matmul=False,  # FSDP weight gathers as ppermute rings (needs mesh.fsdp)
+        gmm_backend="auto",  # grouped matmul: auto | xla | pallas
         # --- expert parallelism (used when config.mesh.expert > 1) ---
         a2a_hierarchy=0,  # devices per node for the two-level all-to-all (0: flat)
         ragged_impl="auto",  # dropless exchange: native ragged all-to-all | dense emulation
-        ep_recv_factor=0.0,  # cap on the dropless receive buffer (0: worst case)
         ep_buckets=(1.5, 3.0),  # smaller dropless buffers picked at run time (x balanced load)
         overlap_chunks=1,  # chunks of all-to-all/expert pipelining (Tutel overlap degree)
         collective_matmul=False,  # ring reduce-scatter for expert tensor parallelism
     )
-    m.update(kw)
-    return ml_collections.ConfigDict(m)
+    e.update(kw)
+    return ml_collections.ConfigDict(e)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -108,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = _model()
+    c.execution = _execution()
 
     c.data = ml_collections.ConfigDict(dict(
         source="stdlib",  # stdlib | text | tokens
@@ -163,7 +176,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant == "medium":
         c.model.update(d_model=1024, num_layers=16, num_heads=16, num_experts=32, top_k=4,
                        d_ff=512, num_shared_experts=1, shared_d_ff=1024, vocab_size=256,
-                       dtype="bfloat16", remat="dots")
+                       dtype="bfloat16")
+        c.execution.remat = "dots"
         c.data.seq_len = 2048
         c.batch_size = 256
         c.total_steps = 50_000
@@ -172,8 +186,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant == "mixtral_8x7b":
         c.model.update(vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
                        num_kv_heads=8, num_experts=8, top_k=2, d_ff=14_336,
-                       rope_theta=1e6, norm_eps=1e-5, dtype="bfloat16", remat="full",
-                       group_align=256)
+                       rope_theta=1e6, norm_eps=1e-5, dtype="bfloat16", group_align=256)
+        c.execution.remat = "full"
         c.data.update(source="tokens", path="", seq_len=4096)
         c.batch_size = 1024
         c.total_steps = 100_000
@@ -184,8 +198,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.update(vocab_size=102_400, d_model=2048, num_layers=28, num_heads=16,
                        num_experts=64, top_k=6, d_ff=1408, num_shared_experts=2,
                        first_dense_layers=1, dense_d_ff=10_944, router="sigmoid_topk",
-                       bias_update_rate=1e-3, dtype="bfloat16", remat="full",
-                       group_align=256)
+                       bias_update_rate=1e-3, dtype="bfloat16", group_align=256)
+        c.execution.remat = "full"
         c.loss.load_balance_weight = 1e-4  # sequence-wise balance is secondary to the bias
         c.data.update(source="tokens", path="", seq_len=4096)
         c.batch_size = 1024

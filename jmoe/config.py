@@ -14,8 +14,124 @@ GMM_BACKENDS = ("auto", "xla", "pallas")
 RAGGED_IMPLS = ("auto", "native", "dense")
 
 
-def _fail(field: str, value: Any, fix: str) -> None:
-    raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {fix}")
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def resolve_gmm_backend(name: str, platform: str) -> str:
+    """The grouped-matmul implementation `name` means on `platform`
+    (`jax.default_backend()`): `auto` is Pallas/Triton on GPUs, XLA elsewhere."""
+    if name not in GMM_BACKENDS:
+        raise ValueError(f"backend={name!r} is invalid: choose one of {GMM_BACKENDS}")
+    if name == "auto":
+        return "pallas" if platform in GPU_PLATFORMS else "xla"
+    return name
+
+
+def mlp_matrices(activation: str) -> int:
+    """Weight matrices of one MLP: 3 for SwiGLU (gate, up, down), else 2."""
+    return 3 if activation == "swiglu" else 2
+
+
+class FieldError(ValueError):
+    """A config field that cannot work: names the field, its value and the fix.
+
+    `owner` is where the user sets the field (`MoEConfig`, `config.model`, ...);
+    `under(owner)` re-raises the same check for another owner, so every check
+    is written once and reads right wherever it is reached.
+    """
+
+    def __init__(self, owner: str, field: str, value: Any, fix: str):
+        super().__init__(f"{owner}.{field}={value!r} is invalid: {fix}")
+        self.owner, self.field, self.value, self.fix = owner, field, value, fix
+
+    def under(self, owner: str) -> "FieldError":
+        return FieldError(owner, self.field, self.value, self.fix)
+
+
+def _fail(field: str, value: Any, fix: str, owner: str = "MoEConfig") -> None:
+    raise FieldError(owner, field, value, fix)
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How one MoE layer runs: never what it computes.
+
+    Every field is math-identical: any value gives the same outputs and
+    gradients (to float rounding), so these may change between runs of one
+    checkpoint, per call, or at run time.
+
+      gmm_backend: grouped-matmul implementation, `auto` (Pallas/Triton on
+        GPU, XLA elsewhere), `xla` or `pallas`.
+      a2a_hierarchy: devices per node group for Tutel's two-level (2DH)
+        all-to-all: first within groups of this many consecutive devices on the
+        `expert` axis, then across groups. 0 or 1 = one flat all-to-all.
+      ragged_impl: how the dropless path exchanges variable-size slices:
+        `native` = `lax.ragged_all_to_all` (GPU/TPU), `dense` = a padded dense
+        all-to-all with identical results (any backend, XLA:CPU included),
+        `auto` = native where the backend implements it.
+      ep_buckets: with the dense emulation of the ragged all-to-all (CPU, or
+        a two-level all-to-all), smaller dropless exchange buffers to try
+        before the worst-case one, as multiples of the balanced load per
+        (source, destination) device pair, T_local*K/EP rows. At run time
+        every device takes the smallest bucket that holds the busiest pair
+        anywhere on the mesh (one scalar all-reduce), so results equal the
+        worst-case buffer's and nothing drops; a balanced router moves and
+        regroups ~1.5x the minimum instead of EP x. Each bucket compiles one
+        more copy of the exchange, and the backward recomputes the bucket
+        taken (rematerialisation). () = always the worst-case buffer. The native
+        ragged all-to-all (GPU) ignores it: it moves only the real rows.
+      overlap_chunks: splits each shard's dispatched tokens into this many
+        chunks whose all-to-alls and expert compute are independent, so the
+        scheduler can overlap chunk i+1's all-to-all with chunk i's experts
+        (Tutel's overlap degree).
+      collective_matmul: with expert tensor parallelism (a `tensor` mesh axis
+        > 1) on the capacity path, the down-projection's all-reduce becomes a
+        ring of ppermutes overlapped with the matmul (reduce-scatter) plus an
+        all-gather.
+    """
+
+    gmm_backend: str = "auto"
+    a2a_hierarchy: int = 0
+    ragged_impl: str = "auto"
+    ep_buckets: tuple = (1.5, 3.0)
+    overlap_chunks: int = 1
+    collective_matmul: bool = False
+
+    def __post_init__(self):
+        self.validate()
+        # Hashable and canonical (configs arrive with lists from ml_collections).
+        object.__setattr__(self, "ep_buckets", tuple(float(f) for f in self.ep_buckets))
+
+    def validate(self, owner: str = "Execution") -> None:
+        if self.gmm_backend not in GMM_BACKENDS:
+            _fail("gmm_backend", self.gmm_backend, f"choose one of {GMM_BACKENDS}.", owner)
+        if self.ragged_impl not in RAGGED_IMPLS:
+            _fail("ragged_impl", self.ragged_impl, f"choose one of {RAGGED_IMPLS}.", owner)
+        if not isinstance(self.a2a_hierarchy, int) or self.a2a_hierarchy < 0:
+            _fail("a2a_hierarchy", self.a2a_hierarchy,
+                  "must be an integer >= 0 (0 = flat all-to-all).", owner)
+        b = self.ep_buckets
+        if not isinstance(b, (tuple, list)) or any(
+                not isinstance(f, (int, float)) or f < 1 for f in b) or list(b) != sorted(set(b)):
+            _fail("ep_buckets", b, "must be a tuple of increasing factors >= 1.0, e.g. "
+                  "(1.5, 3.0); () turns the buckets off.", owner)
+        if not isinstance(self.overlap_chunks, int) or self.overlap_chunks < 1:
+            _fail("overlap_chunks", self.overlap_chunks,
+                  "must be an integer >= 1 (1 = no chunking).", owner)
+        if not isinstance(self.collective_matmul, bool):
+            _fail("collective_matmul", self.collective_matmul, "must be True or False.", owner)
+
+    def ragged(self, backend: str) -> str:
+        """The dropless exchange on `backend` (`jax.default_backend()`):
+        `native` ragged all-to-all or its `dense` emulation."""
+        if self.ragged_impl != "auto":
+            return self.ragged_impl
+        if self.a2a_hierarchy > 1:
+            return "dense"  # the two-level exchange is built from dense all-to-alls
+        return "native" if backend in GPU_PLATFORMS + ("tpu",) else "dense"
+
+    def replace(self, **kw) -> "Execution":
+        return dataclasses.replace(self, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,37 +165,13 @@ class MoEConfig:
       group_align: the dropless path pads every expert's rows to a multiple of
         this, so grouped-matmul tiles never straddle two experts.
 
-    Expert-parallel options (used when the mesh has an `expert` axis > 1):
-      a2a_hierarchy: devices per node group for Tutel's two-level (2DH)
-        all-to-all: first within groups of this many consecutive devices on the
-        `expert` axis, then across groups. 0 or 1 = one flat all-to-all.
-      ragged_impl: how the dropless path exchanges variable-size slices:
-        `native` = `lax.ragged_all_to_all` (GPU/TPU), `dense` = a padded dense
-        all-to-all with identical results (any backend, XLA:CPU included),
-        `auto` = native where the backend implements it.
+    Expert-parallel maths (used when the mesh has an `expert` axis > 1):
       ep_recv_factor: caps the dropless receive buffer at
         ceil(ep_recv_factor * local assignments) rows per device; 0 sizes it
         for the worst case (every token to this device). Assignments that do
         not fit are dropped and reported in `dropped_fraction`, never silently.
-      ep_buckets: with the dense emulation of the ragged all-to-all (CPU, or
-        a two-level all-to-all), smaller dropless exchange buffers to try
-        before the worst-case one, as multiples of the balanced load per
-        (source, destination) device pair, T_local*K/EP rows. At run time
-        every device takes the smallest bucket that holds the busiest pair
-        anywhere on the mesh (one scalar all-reduce), so results equal the
-        worst-case buffer's and nothing drops; a balanced router moves and
-        regroups ~1.5x the minimum instead of EP x. Each bucket compiles one
-        more copy of the exchange, and the backward recomputes the bucket
-        taken (rematerialisation). () = always the worst-case buffer. The native
-        ragged all-to-all (GPU) ignores it: it moves only the real rows.
-      overlap_chunks: splits each shard's dispatched tokens into this many
-        chunks whose all-to-alls and expert compute are independent, so the
-        scheduler can overlap chunk i+1's all-to-all with chunk i's experts
-        (Tutel's overlap degree). Math-identical to 1.
-      collective_matmul: with expert tensor parallelism (a `tensor` mesh axis
-        > 1) on the capacity path, the down-projection's all-reduce becomes a
-        ring of ppermutes overlapped with the matmul (reduce-scatter) plus an
-        all-gather. Math-identical to the plain all-reduce.
+
+    execution: how the layer runs (`Execution`); never changes what it computes.
     """
 
     d_model: int
@@ -102,20 +194,13 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_d_ff: int = 0
     shared_gate: bool = False
-    gmm_backend: str = "auto"
-    a2a_hierarchy: int = 0
-    ragged_impl: str = "auto"
     ep_recv_factor: float = 0.0
-    ep_buckets: tuple = (1.5, 3.0)
-    overlap_chunks: int = 1
-    collective_matmul: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    execution: Execution = Execution()
 
     def __post_init__(self):
         self.validate()
-        # Hashable and canonical (configs arrive with lists from ml_collections).
-        object.__setattr__(self, "ep_buckets", tuple(float(f) for f in self.ep_buckets))
 
     def validate(self) -> None:
         """Raises ValueError naming the field, the value and the fix."""
@@ -131,21 +216,10 @@ class MoEConfig:
             _fail("activation", self.activation, f"choose one of {ACTIVATIONS}.")
         if self.drop_policy not in DROP_POLICIES:
             _fail("drop_policy", self.drop_policy, f"choose one of {DROP_POLICIES}.")
-        if self.gmm_backend not in GMM_BACKENDS:
-            _fail("gmm_backend", self.gmm_backend, f"choose one of {GMM_BACKENDS}.")
-        if self.ragged_impl not in RAGGED_IMPLS:
-            _fail("ragged_impl", self.ragged_impl, f"choose one of {RAGGED_IMPLS}.")
-        if self.a2a_hierarchy < 0:
-            _fail("a2a_hierarchy", self.a2a_hierarchy, "must be >= 0 (0 = flat all-to-all).")
         if self.ep_recv_factor < 0:
             _fail("ep_recv_factor", self.ep_recv_factor, "must be >= 0 (0 = worst-case buffer).")
-        b = self.ep_buckets
-        if not isinstance(b, (tuple, list)) or any(
-                not isinstance(f, (int, float)) or f < 1 for f in b) or list(b) != sorted(set(b)):
-            _fail("ep_buckets", b, "must be a tuple of increasing factors >= 1.0, e.g. "
-                  "(1.5, 3.0); () turns the buckets off.")
-        if not isinstance(self.overlap_chunks, int) or self.overlap_chunks < 1:
-            _fail("overlap_chunks", self.overlap_chunks, "must be an integer >= 1 (1 = no chunking).")
+        if not isinstance(self.execution, Execution):
+            _fail("execution", self.execution, "must be a jmoe.Execution(...).")
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k,
                   f"top_k cannot exceed num_experts={self.num_experts}; lower top_k "
@@ -207,15 +281,20 @@ class MoEConfig:
         return worst
 
     def ep_bucket_slots(self, local_assignments: int, ep: int) -> list:
-        """Per-pair slot rows of the `ep_buckets` exchanges, smallest first
+        """Per-pair slot rows of the `execution.ep_buckets` exchanges, smallest first
         (multiples of 8); only those smaller than the fallback buffer."""
         fallback = self.recv_buffer_rows(local_assignments, ep)
         out = []
-        for f in self.ep_buckets:
+        for f in self.execution.ep_buckets:
             slot = -(-math.ceil(f * local_assignments / ep) // 8) * 8
             if ep * slot < fallback and slot < local_assignments and slot not in out:
                 out.append(slot)
         return out
+
+    @property
+    def expert_matrices(self) -> int:
+        """Weight matrices of one expert MLP (`mlp_matrices`)."""
+        return mlp_matrices(self.activation)
 
     @property
     def shared_hidden(self) -> int:
@@ -223,3 +302,12 @@ class MoEConfig:
 
     def replace(self, **kw) -> "MoEConfig":
         return dataclasses.replace(self, **kw)
+
+    def with_execution(self, **kw) -> "MoEConfig":
+        """The same layer run another way: `cfg.with_execution(overlap_chunks=2)`."""
+        return dataclasses.replace(self, execution=self.execution.replace(**kw))
+
+    def maths(self) -> "MoEConfig":
+        """This config with the default `Execution`: two configs with equal
+        `maths()` compute the same function."""
+        return dataclasses.replace(self, execution=Execution())

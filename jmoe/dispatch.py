@@ -29,7 +29,7 @@ from jmoe.vma import match_cotangent
 
 
 @struct.dataclass
-class Plan:
+class Permutation:
     """A permutation plan; see the module docstring.
 
     group_sizes_E: int32 [E] rows of each expert in the buffer (padded rows
@@ -81,9 +81,9 @@ def _packed(expert_A, rank_A, perm_A, starts_E, kept_E, keep_A, group_align, num
     return slot_A, src_R, padded_E
 
 
-def capacity_plan(experts_TK: jax.Array, weights_TK: jax.Array, num_experts: int,
+def capacity_permutation(experts_TK: jax.Array, weights_TK: jax.Array, num_experts: int,
                   capacity: int, drop_policy: str = "position",
-                  packed_align: int = 0) -> Plan:
+                  packed_align: int = 0) -> Permutation:
     """At most `capacity` assignments per expert; the rest are dropped by `drop_policy`.
 
     `position`: all top-1 choices beat all top-2 choices, then earlier tokens
@@ -116,7 +116,7 @@ def capacity_plan(experts_TK: jax.Array, weights_TK: jax.Array, num_experts: int
         num_rows = dropless_rows(min(num_a, num_experts * capacity), num_experts, packed_align)
         slot_A, src_R, padded_E = _packed(expert_A, rank_A, perm_A, starts_E, kept_E, keep_A,
                                           packed_align, num_rows)
-        return Plan(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32),
+        return Permutation(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32),
                     padded_E.astype(jnp.int32), kept_E, dropped)
     num_rows = num_experts * capacity
     slot_A = jnp.where(keep_A, expert_A * capacity + rank_A, num_rows)
@@ -125,7 +125,7 @@ def capacity_plan(experts_TK: jax.Array, weights_TK: jax.Array, num_experts: int
     c_R = jnp.arange(num_rows, dtype=jnp.int32) % capacity
     filled_R = c_R < counts_E[e_R]
     src_R = jnp.where(filled_R, perm_A[jnp.minimum(starts_E[e_R] + c_R, num_a - 1)], num_a)
-    return Plan(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32), kept_E,
+    return Permutation(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32), kept_E,
                 kept_E, dropped)
 
 
@@ -137,7 +137,7 @@ def dropless_rows(num_assignments: int, num_experts: int, group_align: int) -> i
     return -(-rows // group_align) * group_align
 
 
-def dropless_plan(experts_TK: jax.Array, num_experts: int, group_align: int = 1) -> Plan:
+def dropless_permutation(experts_TK: jax.Array, num_experts: int, group_align: int = 1) -> Permutation:
     """Sort assignments by expert (stable in token order); pad groups to `group_align`."""
     t, k = experts_TK.shape
     num_a = t * k
@@ -147,15 +147,15 @@ def dropless_plan(experts_TK: jax.Array, num_experts: int, group_align: int = 1)
     num_rows = dropless_rows(num_a, num_experts, group_align)
     slot_A, src_R, padded_E = _packed(expert_A, rank_A, perm_A, starts_E, counts_E,
                                       jnp.ones((num_a,), bool), group_align, num_rows)
-    return Plan(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32),
+    return Permutation(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32),
                 padded_E.astype(jnp.int32), counts_E, jnp.zeros((), jnp.int32))
 
 
 # ------------------------------------------------------ row permutations ----
 
-def _pad_row(x_ND: jax.Array) -> jax.Array:
+def _pad_row(x_RD: jax.Array) -> jax.Array:
     """Appends one zero row: index N is the 'nothing here' sentinel."""
-    return jnp.concatenate([x_ND, jnp.zeros((1,) + x_ND.shape[1:], x_ND.dtype)], axis=0)
+    return jnp.concatenate([x_RD, jnp.zeros((1,) + x_RD.shape[1:], x_RD.dtype)], axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=())

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 
 from jmoe.config import MoEConfig
-from jmoe.moe import init_bias, init_params, moe_apply
+from jmoe.moe import selection_bias, init_bias, init_params, moe_apply
 
 
 class MoE(nn.Module):
@@ -29,4 +29,5 @@ class MoE(nn.Module):
         # initialise identically from the same seed.
         params = self.param("moe", lambda key: init_params(key, self.cfg))
         bias = self.variable("router_bias", "bias", lambda: init_bias(self.cfg))
-        return moe_apply(params, x, self.cfg, bias=bias.value, train=train, rng=rng)
+        return moe_apply(params, x, self.cfg, bias=selection_bias(self.cfg, bias.value), train=train,
+                         rng=rng)

@@ -14,174 +14,24 @@ Parameters are stored in `param_dtype` and cast to `dtype` for compute; the
 loss is computed in float32.
 
 Shapes: B batch, T sequence, D d_model, H query heads, J key/value heads,
-K head dim, F hidden, V vocab (see the legend in `jmoe/__init__.py`).
+Q head size, F hidden, V vocab (see the legend in `jmoe/__init__.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jmoe import experts
-from jmoe.config import MoEConfig
-from jmoe.moe import MoE, combine_aux
+from jmoe.model_config import GPTConfig
+from jmoe.moe import MoE
 from jmoe.sharding import fsdp
-from jmoe.sharding.expert_parallel import chunk_bounds
-
-REMAT = ("none", "full", "dots")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    """Shape and numerics of the model; built from `config.model` by `from_config`."""
-
-    vocab_size: int = 256
-    d_model: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 0  # 0: = num_heads (MHA); fewer: grouped-query attention
-    head_dim: int = 0  # 0: d_model // num_heads
-    dense_d_ff: int = 0  # hidden of the dense-FFN layers; 0: top_k*d_ff + shared hidden
-    moe_every: int = 1  # 0: no MoE layer at all
-    first_dense_layers: int = 0
-    dense: bool = False
-    rope_theta: float = 10_000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"
-    # Lancet-style overlap: the work around each MoE (attention output
-    # projection, residual, norm, router, experts) runs in this many token
-    # chunks along T, so chunk j's all-to-all can overlap chunk j+1's
-    # compute. Math-identical (dropless dispatch, no router jitter).
-    lancet_chunks: int = 1
-    # ScMoE (architecture variant, changes the model): an MoE layer's experts
-    # read the block's input (normed, before attention) through a shortcut,
-    # while a dense MLP of one expert's size reads the current representation;
-    # both outputs are added. The all-to-all then has the attention to hide behind.
-    scmoe: bool = False
-    # FSDP weights gathered as ring collective matmuls: with config.mesh.fsdp
-    # on a mesh whose 'data' axis is > 1, the attention q/k/v/o, dense-FFN and
-    # unembedding projections pass their weight shards round 'data' with
-    # `ppermute`, each step multiplying by the block already present
-    # (jmoe.sharding.fsdp). Math-identical; plain einsums otherwise.
-    fsdp_collective_matmul: bool = False
-    moe: Optional[MoEConfig] = None  # None when no layer is an MoE layer
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.d_model // self.num_heads
-
-    @property
-    def active_d_ff(self) -> int:
-        """Hidden size of a dense MLP with an MoE layer's active expert parameters."""
-        m = self.moe
-        return m.top_k * m.d_ff + m.shared_hidden
-
-    @property
-    def dense_hidden(self) -> int:
-        if self.dense_d_ff:
-            return self.dense_d_ff
-        if self.moe is None:
-            raise ValueError("config.model.dense_d_ff=0 needs MoE fields to derive a size: "
-                             "set dense_d_ff > 0.")
-        return self.active_d_ff
-
-    @property
-    def activation(self) -> str:
-        return self.moe.activation if self.moe is not None else "swiglu"
-
-    def is_moe_layer(self, i: int) -> bool:
-        if self.dense or self.moe is None or self.moe_every <= 0 or i < self.first_dense_layers:
-            return False
-        return (i - self.first_dense_layers + 1) % self.moe_every == 0
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
-
-    def validate(self) -> None:
-        def fail(field, value, fix):
-            raise ValueError(f"config.model.{field}={value!r} is invalid: {fix}")
-
-        for f in ("vocab_size", "d_model", "num_layers", "num_heads"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
-                fail(f, v, "must be a positive integer.")
-        for f in ("num_kv_heads", "head_dim", "dense_d_ff", "moe_every", "first_dense_layers"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < 0:
-                fail(f, v, "must be an integer >= 0.")
-        if not self.head_dim and self.d_model % self.num_heads:
-            fail("num_heads", self.num_heads,
-                 f"must divide d_model={self.d_model} (or set head_dim).")
-        if self.num_heads % self.kv_heads:
-            fail("num_kv_heads", self.num_kv_heads,
-                 f"must divide num_heads={self.num_heads}.")
-        if self.head_size % 2:
-            fail("head_dim", self.head_size, "rotary embeddings need an even head size.")
-        if self.remat not in REMAT:
-            fail("remat", self.remat, f"choose one of {REMAT}.")
-        for f in ("dtype", "param_dtype"):
-            if getattr(self, f) not in DTYPES:
-                fail(f, getattr(self, f), f"choose one of {DTYPES}.")
-        if not isinstance(self.fsdp_collective_matmul, bool):
-            fail("fsdp_collective_matmul", self.fsdp_collective_matmul,
-                 "must be a bool: --config.model.fsdp_collective_matmul=true or false.")
-        if self.rope_theta <= 0:
-            fail("rope_theta", self.rope_theta, "must be > 0.")
-        if not isinstance(self.lancet_chunks, int) or self.lancet_chunks < 1:
-            fail("lancet_chunks", self.lancet_chunks, "must be an integer >= 1 (1 = off).")
-        if self.lancet_chunks > 1 and self.moe is not None:
-            if self.moe.dispatch != "dropless":
-                fail("lancet_chunks", self.lancet_chunks,
-                     "token chunks change each chunk's capacity: use dispatch='dropless' "
-                     "or lancet_chunks=1.")
-            if self.moe.jitter_eps > 0:
-                fail("lancet_chunks", self.lancet_chunks,
-                     "router jitter draws differ per chunk: set jitter_eps=0 or lancet_chunks=1.")
-
-
-def from_config(model_cfg: Mapping[str, Any]) -> GPTConfig:
-    """Splits the flat `config.model` into GPT fields and MoEConfig fields.
-
-    Every key must belong to one of the two; the MoE fields are validated by
-    `MoEConfig` (its errors name `MoEConfig.<field>`, which is also the name
-    under `config.model`).
-    """
-    cfg = dict(model_cfg)
-    gpt_names = {f.name for f in dataclasses.fields(GPTConfig)} - {"moe"}
-    moe_names = {f.name for f in dataclasses.fields(MoEConfig)} - {"d_model", "dtype",
-                                                                   "param_dtype"}
-    unknown = sorted(set(cfg) - gpt_names - moe_names)
-    if unknown:
-        raise ValueError(f"config.model.{unknown[0]} is not a model field: known fields are "
-                         f"{sorted(gpt_names | moe_names)}.")
-    gpt = {k: v for k, v in cfg.items() if k in gpt_names}
-    moe_kw = {k: v for k, v in cfg.items() if k in moe_names}
-    base = GPTConfig(**gpt)
-    moe = None
-    if "d_ff" in moe_kw and base.moe_every > 0:
-        try:
-            moe = MoEConfig(d_model=base.d_model, dtype=base.dtype, param_dtype=base.param_dtype,
-                            **moe_kw)
-        except ValueError as e:  # name the field as the user sets it
-            raise ValueError(str(e).replace("MoEConfig.", "config.model.")) from e
-    out = dataclasses.replace(base, moe=moe)
-    out.validate()
-    return out
-
+from jmoe.sharding.schedule import chunk_bounds
+from jmoe.stats import combine_aux
 
 # ------------------------------------------------------------ layers ----
 
@@ -205,15 +55,15 @@ class RMSNorm(nnx.Module):
         return (x * self.scale_D[...].astype(jnp.float32)).astype(x_BTD.dtype)
 
 
-def rope(x_BTHK: jax.Array, theta: float) -> jax.Array:
+def rope(x_BTHQ: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding on the last axis (split-halves convention)."""
-    t, k = x_BTHK.shape[1], x_BTHK.shape[-1]
+    t, k = x_BTHQ.shape[1], x_BTHQ.shape[-1]
     freq = theta ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k)
-    ang_TK = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]
-    sin, cos = jnp.sin(ang_TK)[None, :, None, :], jnp.cos(ang_TK)[None, :, None, :]
-    x1, x2 = jnp.split(x_BTHK.astype(jnp.float32), 2, axis=-1)
+    ang_TQ = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]
+    sin, cos = jnp.sin(ang_TQ)[None, :, None, :], jnp.cos(ang_TQ)[None, :, None, :]
+    x1, x2 = jnp.split(x_BTHQ.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTHK.dtype)
+    return out.astype(x_BTHQ.dtype)
 
 
 class Attention(nnx.Module):
@@ -221,32 +71,32 @@ class Attention(nnx.Module):
         d, h, j, k = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
         pdt = jnp.dtype(cfg.param_dtype)
         out_std = 1.0 / math.sqrt(h * k) / math.sqrt(2 * cfg.num_layers)
-        self.w_q_DHK = nnx.Param(_init(d ** -0.5)(rngs.params(), (d, h, k), pdt))
-        self.w_k_DJK = nnx.Param(_init(d ** -0.5)(rngs.params(), (d, j, k), pdt))
-        self.w_v_DJK = nnx.Param(_init(d ** -0.5)(rngs.params(), (d, j, k), pdt))
-        self.w_o_HKD = nnx.Param(_init(out_std)(rngs.params(), (h, k, d), pdt))
+        self.w_q_DHQ = nnx.Param(_init(d ** -0.5)(rngs.params(), (d, h, k), pdt))
+        self.w_k_DJQ = nnx.Param(_init(d ** -0.5)(rngs.params(), (d, j, k), pdt))
+        self.w_v_DJQ = nnx.Param(_init(d ** -0.5)(rngs.params(), (d, j, k), pdt))
+        self.w_o_HQD = nnx.Param(_init(out_std)(rngs.params(), (h, k, d), pdt))
         self.theta = cfg.rope_theta
-        self.fsdp_ring = cfg.fsdp_collective_matmul
+        self.fsdp_ring = cfg.execution.fsdp_collective_matmul
 
     def core(self, x_BTD: jax.Array) -> jax.Array:
-        """Everything before the output projection: [B, T, D] -> [B, T, H, K]."""
+        """Everything before the output projection: [B, T, D] -> [B, T, H, Q]."""
         dt = x_BTD.dtype
         einsum = _einsum(self.fsdp_ring)
-        q_BTHK = rope(einsum("btd,dhk->bthk", x_BTD, self.w_q_DHK[...].astype(dt)), self.theta)
-        k_BTJK = rope(einsum("btd,djk->btjk", x_BTD, self.w_k_DJK[...].astype(dt)), self.theta)
-        v_BTJK = einsum("btd,djk->btjk", x_BTD, self.w_v_DJK[...].astype(dt))
+        q_BTHQ = rope(einsum("btd,dhk->bthk", x_BTD, self.w_q_DHQ[...].astype(dt)), self.theta)
+        k_BTJQ = rope(einsum("btd,djk->btjk", x_BTD, self.w_k_DJQ[...].astype(dt)), self.theta)
+        v_BTJQ = einsum("btd,djk->btjk", x_BTD, self.w_v_DJQ[...].astype(dt))
         # jax.nn.dot_product_attention handles grouped-query heads and picks
         # cuDNN flash attention on GPUs that have it.
-        o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTJK, v_BTJK, is_causal=True)
-        return o_BTHK
+        o_BTHQ = jax.nn.dot_product_attention(q_BTHQ, k_BTJQ, v_BTJQ, is_causal=True)
+        return o_BTHQ
 
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         return self.project(self.core(x_BTD))
 
-    def project(self, o_BTHK: jax.Array) -> jax.Array:
+    def project(self, o_BTHQ: jax.Array) -> jax.Array:
         """The output projection (separate so Lancet can chunk it)."""
-        return _einsum(self.fsdp_ring)("bthk,hkd->btd", o_BTHK,
-                                       self.w_o_HKD[...].astype(o_BTHK.dtype))
+        return _einsum(self.fsdp_ring)("bthk,hkd->btd", o_BTHQ,
+                                       self.w_o_HQD[...].astype(o_BTHQ.dtype))
 
 
 class DenseFFN(nnx.Module):
@@ -293,13 +143,13 @@ class Block(nnx.Module):
             _scale_residual_outputs(self.ffn, 1.0 / math.sqrt(2 * cfg.num_layers))
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_hidden, cfg.activation, cfg.num_layers,
-                                pdt, rngs=rngs, fsdp_ring=cfg.fsdp_collective_matmul)
+                                pdt, rngs=rngs, fsdp_ring=cfg.execution.fsdp_collective_matmul)
         self.scmoe = self.is_moe and cfg.scmoe
         if self.scmoe:
             self.shortcut_mlp = DenseFFN(cfg.d_model, cfg.moe.d_ff, cfg.activation,
                                          cfg.num_layers, pdt, rngs=rngs,
-                                         fsdp_ring=cfg.fsdp_collective_matmul)
-        self.lancet_chunks = cfg.lancet_chunks if self.is_moe and not self.scmoe else 1
+                                         fsdp_ring=cfg.execution.fsdp_collective_matmul)
+        self.lancet_chunks = cfg.execution.lancet_chunks if self.is_moe and not self.scmoe else 1
 
     def __call__(self, x_BTD: jax.Array, train: bool, rng: Optional[jax.Array]):
         if not self.is_moe:
@@ -307,22 +157,24 @@ class Block(nnx.Module):
             return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
         if self.scmoe:
             return self._scmoe(x_BTD, train, rng)
-        o_BTHK = self.attn.core(self.attn_norm(x_BTD))
+        o_BTHQ = self.attn.core(self.attn_norm(x_BTD))
         if self.lancet_chunks == 1:
-            return self._post_attention(x_BTD, o_BTHK, train, rng)
+            return self._post_attention(x_BTD, o_BTHQ, train, rng)
         # Lancet: chunk j's all-to-alls depend only on chunk j's projection,
         # norm and router, so they can run while chunk j+1's compute does.
         outs, auxes = [], []
         for j, (a, b) in enumerate(chunk_bounds(x_BTD.shape[1], self.lancet_chunks)):
             with jax.named_scope(f"lancet{j}"):
-                out, aux = self._post_attention(x_BTD[:, a:b], o_BTHK[:, a:b], train, rng)
+                out, aux = self._post_attention(x_BTD[:, a:b], o_BTHQ[:, a:b], train, rng)
             outs.append(out)
             auxes.append(aux)
-        return jnp.concatenate(outs, axis=1), combine_aux(auxes, self.ffn.cfg,
-                                                          weights=[o.shape[1] for o in outs])
+        m = self.ffn.cfg
+        return jnp.concatenate(outs, axis=1), combine_aux(
+            auxes, [o.shape[0] * o.shape[1] for o in outs], m.top_k,
+            expert_choice=m.router == "expert_choice")
 
-    def _post_attention(self, x_BTD, o_BTHK, train, rng):
-        h_BTD = x_BTD + self.attn.project(o_BTHK)
+    def _post_attention(self, x_BTD, o_BTHQ, train, rng):
+        h_BTD = x_BTD + self.attn.project(o_BTHQ)
         y_BTD, aux = self.ffn(self.ffn_norm(h_BTD), train=train, rng=rng)
         return h_BTD + y_BTD, aux
 
@@ -356,10 +208,10 @@ class GPT(nnx.Module):
         auxes = []
         for i, block in enumerate(self.blocks):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-            if cfg.remat == "none":
+            if cfg.execution.remat == "none":
                 x_BTD, aux = block(x_BTD, train, layer_rng)
             else:
-                x_BTD, aux = _remat_block(block, x_BTD, train, layer_rng, cfg.remat)
+                x_BTD, aux = _remat_block(block, x_BTD, train, layer_rng, cfg.execution.remat)
             if aux is not None:
                 auxes.append(aux)
         logits_BTV = self._unembed(self.final_norm(x_BTD)).astype(jnp.float32)
@@ -370,7 +222,7 @@ class GPT(nnx.Module):
         """[B, T, D] -> logits [B, T, V] in the compute dtype."""
         cfg, dt = self.cfg, x_BTD.dtype
         scale = cfg.d_model ** -0.5  # tied: a unit-variance embedding gives unit-scale logits
-        if cfg.fsdp_collective_matmul:
+        if cfg.execution.fsdp_collective_matmul:
             # The ring takes the tied [V, D] table itself, not its transpose,
             # so the spec it finds is the one the trainer gave the table.
             spec, w = (("btd,vd->btv", self.embed_VD[...].astype(dt) * scale)
@@ -423,54 +275,6 @@ def _remat_block(block: Block, x_BTD: jax.Array, train: bool, rng, remat: str):
         return nnx.merge(graphdef, state)(x_BTD, train, rng)
 
     return jax.checkpoint(fn, policy=policy)(state, x_BTD, rng)
-
-
-# ---------------------------------------------------------- counting ----
-
-def param_count_formula(cfg: GPTConfig) -> dict[str, int]:
-    """Total and active parameter counts from the shapes alone.
-
-    `active` counts the weights one token touches: the top-k routed experts,
-    shared experts and the router in MoE layers; everything else in full.
-    """
-    d, v, h, j, k = cfg.d_model, cfg.vocab_size, cfg.num_heads, cfg.kv_heads, cfg.head_size
-    mats = 3 if cfg.activation == "swiglu" else 2
-    attn = d * h * k + 2 * d * j * k + h * k * d + 2 * d  # + the two norms' scales
-    dense_ffn = mats * d * cfg.dense_hidden
-    total = active = 0
-    for i in range(cfg.num_layers):
-        total += attn
-        active += attn
-        if cfg.is_moe_layer(i):
-            m = cfg.moe
-            router = d * m.num_experts
-            shared = mats * d * m.shared_hidden + (d if m.shared_gate and m.num_shared_experts
-                                                  else 0)
-            total += router + m.num_experts * mats * d * m.d_ff + shared
-            active += router + m.top_k * mats * d * m.d_ff + shared
-            if cfg.scmoe:  # the dense MLP beside the shortcut-fed experts
-                total += mats * d * m.d_ff
-                active += mats * d * m.d_ff
-        else:
-            total += dense_ffn
-            active += dense_ffn
-    emb = v * d + d + (0 if cfg.tie_embeddings else d * v)
-    return {"total": total + emb, "active": active + emb}
-
-
-def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward).
-
-    6 x (active matmul weights, embedding lookup excluded, unembedding
-    included) + 12 x layers x T x heads x head_dim for attention scores and
-    values, counted in full as in the PaLM MFU convention.
-    """
-    counts = param_count_formula(cfg)
-    matmul = counts["active"] - cfg.vocab_size * cfg.d_model
-    if cfg.tie_embeddings:
-        matmul += cfg.vocab_size * cfg.d_model
-    attn = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_size
-    return 6.0 * matmul + attn
 
 
 def count_params(tree: Any) -> int:

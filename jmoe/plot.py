@@ -113,20 +113,20 @@ def _series_mean(recs, key):
 def _expert_load_heatmap(plt, train: list[dict], out_dir: str, name: str) -> str:
     recs = [r for r in train if "expert_load" in r]
     steps = np.array([r["step"] for r in recs])
-    load_SLE = np.array([r["expert_load"] for r in recs], dtype=float)
-    n_layers, n_exp = load_SLE.shape[1], load_SLE.shape[2]
+    load_WLE = np.array([r["expert_load"] for r in recs], dtype=float)
+    n_layers, n_exp = load_WLE.shape[1], load_WLE.shape[2]
     cols = min(n_layers, 4)
     rows = math.ceil(n_layers / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1.0, 3.2 * rows + 0.6),
                              squeeze=False, layout="constrained")
     # Colour = load relative to perfect balance (1/E): 1 is balanced, 2 is twice the share.
-    vmax = max(2.0, float(np.percentile(load_SLE * n_exp, 99)))
+    vmax = max(2.0, float(np.percentile(load_WLE * n_exp, 99)))
     for layer in range(rows * cols):
         ax = axes[layer // cols][layer % cols]
         if layer >= n_layers:
             ax.axis("off")
             continue
-        im = ax.imshow((load_SLE[:, layer, :] * n_exp).T, aspect="auto", origin="lower",
+        im = ax.imshow((load_WLE[:, layer, :] * n_exp).T, aspect="auto", origin="lower",
                        cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest",
                        extent=(steps[0], steps[-1], -0.5, n_exp - 0.5))
         ax.set_title(f"MoE layer {layer}")

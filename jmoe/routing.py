@@ -77,8 +77,8 @@ def _group_limited_mask(sel_TE: jax.Array, n_group: int, topk_group: int) -> jax
     with one expert per group it is that expert's score.
     """
     t, e = sel_TE.shape
-    sel_TGe = sel_TE.reshape(t, n_group, e // n_group)
-    top = jax.lax.top_k(sel_TGe, min(2, e // n_group))[0]
+    sel_TGX = sel_TE.reshape(t, n_group, e // n_group)
+    top = jax.lax.top_k(sel_TGX, min(2, e // n_group))[0]
     group_score_TG = jnp.sum(top, axis=-1)
     _, best_groups = jax.lax.top_k(group_score_TG, topk_group)
     keep_TG = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], best_groups].set(True)

@@ -31,3 +31,16 @@ def match_cotangent(ct: jax.Array, primal: jax.Array) -> jax.Array:
     extra = varying_axes(ct) - varying_axes(primal)
     ct = lax.psum(ct, tuple(sorted(extra))) if extra else ct
     return varying_like(ct, primal)
+
+
+def struct_like(shape, dtype, *refs: jax.Array) -> jax.ShapeDtypeStruct:
+    """A `ShapeDtypeStruct` for a kernel's output that varies over every
+    manual axis one of `refs` varies over (inside `shard_map` with
+    `check_vma=True`, a `pallas_call` must declare this; elsewhere a plain
+    struct)."""
+    mats = [m for m in (getattr(jax.typeof(r), "manual_axis_type", None) for r in refs)
+            if m is not None]
+    if not mats:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    varying = frozenset().union(*(m.varying for m in mats))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mats[0].update(varying=varying))

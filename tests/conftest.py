@@ -7,7 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from jmoe.sharding.xla_flags import configure_cpu_workarounds  # noqa: E402
+from jmoe.runtime.xla_flags import configure_cpu_workarounds  # noqa: E402
 
 configure_cpu_workarounds()  # before any backend starts (see its docstring)
 

@@ -31,7 +31,7 @@ from flax import nnx
 from jmoe import model as M
 
 T, D, B = 16, 32, 2
-WEIGHTS = ("w_q_DHK", "w_k_DJK", "w_v_DJK", "w_o_HKD")
+WEIGHTS = ("w_q_DHQ", "w_k_DJQ", "w_v_DJQ", "w_o_HQD")
 
 
 def rope_ref(x_TK: jax.Array, base: float) -> jax.Array:
@@ -92,7 +92,7 @@ def test_attention_matches_per_head_reference(heads, kv_heads):
     cfg.validate()
     attn = M.Attention(cfg, rngs=nnx.Rngs(params=0))
     graphdef, state = nnx.split(attn)
-    assert state["w_k_DJK"][...].shape == (D, kv_heads, 8)
+    assert state["w_k_DJQ"][...].shape == (D, kv_heads, 8)
     x_BTD = jax.random.normal(jax.random.key(1), (B, T, D))
     dy_BTD = jax.random.normal(jax.random.key(2), (B, T, D))
 

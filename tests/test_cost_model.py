@@ -4,16 +4,27 @@ against the trainer's own config validation (no device work, no compiles)."""
 import contextlib
 import io
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 from absl import flags
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-import jmoe
-from jmoe import cost_model, hardware, plan
-from jmoe.cost_model import Setting, all_to_all_time, moe_layer_cost, pipeline_time, step_cost
-from jmoe.model import from_config
+from cfg_helpers import moe_config, with_execution
+from jmoe.model_config import from_config
+from jmoe.planner import cli, hardware
+from jmoe.planner.layer_cost import moe_layer_cost
+from jmoe.planner.load import load_distribution
+from jmoe.planner.primitives import all_to_all_time, pipeline_time
+from jmoe.planner.step_cost import Setting, step_cost
+from jmoe.sharding.checks import check_layer_on_mesh
+from jmoe.train import validate_config
+from jmoe.train.loop import validate_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = "configs/gpt_moe.py"
 H100 = hardware.PROFILES["h100"]
@@ -23,7 +34,7 @@ def _moe(**kw):
     base = dict(d_model=1024, d_ff=2048, num_experts=16, top_k=2, dispatch="capacity",
                 dtype="bfloat16")
     base.update(kw)
-    return jmoe.MoEConfig(**base)
+    return moe_config(**base)
 
 
 LAYER_CASES = [
@@ -99,7 +110,7 @@ def test_doubling_tokens_roughly_doubles_compute(kw, tokens, ep):
 
 def test_doubling_tokens_roughly_doubles_step_compute():
     config = _load("mixtral_8x7b")
-    gpt = from_config(config.model)
+    gpt = from_config(config.model, config.execution)
     s = Setting(8, "capacity", 1.25, 1, 0)
     one = step_cost(gpt, s, seq_len=4096, batch_size=512, devices=32, hw=H100)
     two = step_cost(gpt, s, seq_len=4096, batch_size=1024, devices=32, hw=H100)
@@ -112,7 +123,8 @@ def test_fsdp_trades_communication_for_memory(ep, accum):
     moves more bytes (gathers every micro-batch), so with synchronous
     collectives it never predicts less time, and with async ones it never
     exposes less communication than it moves."""
-    gpt = from_config(_load("mixtral_8x7b").model)
+    config = _load("mixtral_8x7b")
+    gpt = from_config(config.model, config.execution)
     devices = 32
     for hw in (H100, H100.replace(async_collectives=False)):
         plain, sharded = (step_cost(gpt, Setting(ep, "capacity", 1.25, 1, 0, 0.0, accum, z),
@@ -178,7 +190,7 @@ def test_hierarchical_wins_only_when_inter_node_link_is_the_bottleneck():
 
 def test_imbalance_costs_dropless_time_and_capacity_drops():
     e = 16
-    hot = cost_model.load_distribution("hot:4", e)
+    hot = load_distribution("hot:4", e)
     assert sum(hot) == pytest.approx(1.0) and hot[0] == pytest.approx(4 / e)
     dl = _moe(dispatch="dropless")
     assert (moe_layer_cost(dl, 8192, 8, H100, load_E=hot).time
@@ -190,9 +202,9 @@ def test_imbalance_costs_dropless_time_and_capacity_drops():
     # Static shapes: the capacity path's time does not depend on the load.
     assert (moe_layer_cost(cap, 8192, 8, H100, load_E=hot).time
             == pytest.approx(moe_layer_cost(cap, 8192, 8, H100).time))
-    assert cost_model.load_distribution("zipf:1.0", 4)[0] > 0.4
+    assert load_distribution("zipf:1.0", 4)[0] > 0.4
     with pytest.raises(ValueError, match="num_experts"):
-        cost_model.load_distribution("1,2,3", 4)
+        load_distribution("1,2,3", 4)
 
 
 def test_profiles_have_sources_and_sane_numbers():
@@ -232,17 +244,13 @@ SHIPPED = [("default", "h100", 1), ("small", "a100", 1), ("medium", "a800", 2),
 def _plan(variant, hw, nodes, *extra):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        result = plan.run(["plan", f"--config={CONFIG}:{variant}", f"--hardware={hw}",
+        result = cli.run(["plan", f"--config={CONFIG}:{variant}", f"--hardware={hw}",
                            f"--nodes={nodes}", *extra])
     return result, out.getvalue()
 
 
 @pytest.mark.parametrize("variant,hw,nodes", SHIPPED)
 def test_recommended_overrides_pass_the_trainers_validation(variant, hw, nodes, tmp_path):
-    from jmoe.sharding.expert_parallel import check_ep
-    from jmoe.train import validate_config
-    from jmoe.train.loop import validate_mesh
-
     result, text = _plan(variant, hw, nodes)
     ovr = result["overrides"]
     assert "Recommended overrides" in text
@@ -261,13 +269,35 @@ def test_recommended_overrides_pass_the_trainers_validation(variant, hw, nodes, 
     validate_mesh(config, gpt, mesh)
     if gpt.moe is not None and not gpt.dense:
         micro = config.batch_size // config.grad_accum_steps * config.data.seq_len
-        check_ep(gpt.moe, mesh, micro)
+        check_layer_on_mesh(gpt.moe, mesh, micro)
     best = result["best"].setting
     assert expert == best.ep and config.grad_accum_steps == best.grad_accum_steps
     assert bool(config.mesh.fsdp) == best.fsdp
     if gpt.moe is not None:
-        for key in ("dispatch", "overlap_chunks", "a2a_hierarchy"):
-            assert getattr(gpt.moe, key) == getattr(best, key), key
+        assert gpt.moe.dispatch == best.dispatch
+        for key in ("overlap_chunks", "a2a_hierarchy"):
+            assert getattr(gpt.moe.execution, key) == getattr(best, key), key
+
+
+def test_overrides_name_the_section_that_owns_each_field():
+    """Maths fields go to config.model, execution fields to config.execution,
+    and the current plan is read from the same sections."""
+    config = _flag_values([f"--config={CONFIG}:mixtral_8x7b",
+                           "--config.execution.overlap_chunks=2",
+                           "--config.model.ep_recv_factor=1.5"]).config
+    cur = cli.current_setting(config, 32)
+    assert (cur.ep, cur.overlap_chunks, cur.ep_recv_factor) == (8, 2, 1.5)
+    best = Setting(8, "capacity", 1.1, 4, 8, 0.0, 2, False)
+    assert cli.overrides(config, best, 32) == [
+        "--config.model.dispatch=capacity", "--config.model.capacity_factor=1.1",
+        "--config.execution.overlap_chunks=4", "--config.execution.a2a_hierarchy=8",
+        "--config.model.ep_recv_factor=0.0", "--config.grad_accum_steps=2"]
+    assert cli.overrides(config, cur, 32) == []
+    # Setting.layer puts each knob where the layer reads it.
+    shipped = from_config(config.model, config.execution).moe
+    assert best.layer(shipped) == with_execution(
+        shipped, dispatch="capacity", capacity_factor=1.1, ep_recv_factor=0.0,
+        overlap_chunks=4, a2a_hierarchy=8)
 
 
 def test_plan_cli_worked_example_prints_the_breakdown():
@@ -288,3 +318,15 @@ def test_plan_rejects_bad_input():
         _plan("default", "tpu-v9", 1)
     with pytest.raises(ValueError, match="num_experts"):
         _plan("default", "h100", 1, "--config.model.top_k=99")
+
+
+def test_plan_help_prints_usage_and_exits_zero():
+    """`python -m jmoe.plan --help` (absl defines --help only for absl.app)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-m", "jmoe.plan", "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for text in ("python -m jmoe.plan --config", "--hardware", "--nodes", "--load", "--set"):
+        assert text in res.stdout, text
+    assert "Unknown command line flag" not in res.stdout + res.stderr

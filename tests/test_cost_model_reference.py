@@ -1,6 +1,6 @@
 """The cost model's FLOPs, bytes and memory against hand counts and XLA.
 
-`jmoe.cost_model` prices every region as time on a roofline. Probe hardware
+`jmoe.planner` prices every region as time on a roofline. Probe hardware
 profiles turn those times back into counts: with a peak of 1 FLOP/s and
 infinite bandwidths a region's time *is* its FLOPs; with a 1 B/s memory and
 infinite peak it is the bytes it moves; with 1 B/s links and no latency an
@@ -23,11 +23,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import jmoe
-from jmoe import hardware
-from jmoe.cost_model import (Prim, Setting, all_to_all_time, attention_cost, dense_ffn_cost,
-                             moe_layer_cost, step_cost)
-from jmoe.model import GPT, GPTConfig
+from cfg_helpers import moe_config
+from jmoe.model import GPT
+from jmoe.model_config import GPTConfig, ModelExecution
+from jmoe.planner import hardware
+from jmoe.planner.layer_cost import attention_cost, dense_ffn_cost, moe_layer_cost
+from jmoe.planner.primitives import Prim, all_to_all_time
+from jmoe.planner.step_cost import Setting, step_cost
 
 INF = float("inf")
 H100 = hardware.PROFILES["h100"]
@@ -59,7 +61,7 @@ def _moe(**kw):
     base = dict(d_model=D, d_ff=F, num_experts=E, top_k=K, capacity_factor=CF,
                 dispatch="capacity", dtype="float32")
     base.update(kw)
-    return jmoe.MoEConfig(**base)
+    return moe_config(**base)  # execution fields (overlap_chunks, ep_buckets) -> Execution
 
 
 def _op(layer, name):
@@ -142,15 +144,18 @@ def test_attention_flops_match_hand_count(causal_skip):
     assert _op(a, "attn_core").bwd == pytest.approx(2.5 * core, rel=1e-12)
 
 
-def _gpt(**kw):
+def _gpt(remat="none", **kw):
     moe_kw = dict(d_ff=F, num_experts=E, top_k=K, capacity_factor=CF, dispatch="capacity",
                   group_align=8)
     moe_kw.update(kw.pop("moe", {}))
     base = dict(vocab_size=256, d_model=D, num_layers=3, num_heads=4, num_kv_heads=2,
                 first_dense_layers=1, dtype="float32", param_dtype="float32")
     base.update(kw)
-    return GPTConfig(**base, moe=jmoe.MoEConfig(d_model=base["d_model"], dtype=base["dtype"],
-                                                param_dtype=base["param_dtype"], **moe_kw))
+    gpt = GPTConfig(**base, execution=ModelExecution(remat=remat),
+                    moe=moe_config(d_model=base["d_model"], dtype=base["dtype"],
+                                   param_dtype=base["param_dtype"], **moe_kw))
+    gpt.validate()
+    return gpt
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])

@@ -20,6 +20,7 @@ from jax.extend import core as jax_core
 import jmoe
 from jmoe import routing
 from jmoe.sharding import make_mesh
+from cfg_helpers import moe_config
 
 D, F, E, K, T = 16, 32, 8, 2, 64
 
@@ -28,7 +29,7 @@ def _cfg(**kw):
     base = dict(d_model=D, d_ff=F, num_experts=E, top_k=K, dispatch="capacity",
                 router="softmax_topk", renormalize=True, group_align=4)
     base.update(kw)
-    return jmoe.MoEConfig(**base)
+    return moe_config(**base)
 
 
 # ------------------------------------------------------------- reference --
@@ -178,7 +179,7 @@ def test_ep_capacity_overlap_chunks_with_drops_equals_reference(data, expert, de
     assert _hand_capacity(cf, T // shards, K, E, 1) == cap
     mesh = _mesh(data, expert, devices)
     cfg = _cfg(capacity_factor=cf, min_capacity=1, drop_policy=policy)
-    chunked = cfg.replace(overlap_chunks=2)
+    chunked = cfg.with_execution(overlap_chunks=2)
     assert _count_all_to_alls(chunked, mesh) == 2 * _count_all_to_alls(cfg, mesh) > 0
     _check(chunked, mesh, shards, cap)
 

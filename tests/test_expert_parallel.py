@@ -9,7 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jmoe
-from jmoe.sharding import expert_parallel, init_params_sharded, make_mesh
+from cfg_helpers import moe_config, with_execution
+from jmoe.sharding import collectives, exchange, init_params_sharded, make_mesh
 
 from hlo_checks import collective_groups, single_device_collectives
 
@@ -19,7 +20,7 @@ D, F, E, T = 16, 32, 8, 64
 def _cfg(**kw):
     base = dict(d_model=D, d_ff=F, num_experts=E, top_k=2, group_align=4, capacity_factor=8.0)
     base.update(kw)
-    return jmoe.MoEConfig(**base)
+    return moe_config(**base)
 
 
 def _fwd_bwd(cfg, params, x, ct, mesh):
@@ -57,7 +58,7 @@ def test_expert_parallel_equals_single_device(dispatch, data, expert, hierarchy)
     x = jax.random.normal(jax.random.key(1), (4, T // 4, D))
     ct = jax.random.normal(jax.random.key(2), x.shape)
     if dispatch not in _REFERENCE:  # the one-device result does not depend on the mesh
-        _REFERENCE[dispatch] = _fwd_bwd(cfg.replace(a2a_hierarchy=0), params, x, ct, mesh=None)
+        _REFERENCE[dispatch] = _fwd_bwd(with_execution(cfg, a2a_hierarchy=0), params, x, ct, mesh=None)
     ref = _REFERENCE[dispatch]
     mesh = make_mesh(data=data, expert=expert)
     got = _fwd_bwd(cfg, params, x, ct, mesh=mesh)
@@ -151,7 +152,7 @@ def test_dense_ragged_all_to_all_matches_documented_semantics(hierarchy, slot_ro
     mesh = make_mesh(data=2, expert=4)
 
     def body(op, out, io, ss, oo, rs):
-        got = expert_parallel.ragged_all_to_all_dense(
+        got = collectives.ragged_all_to_all_dense(
             op[0], out[0], io[0], ss[0], oo[0], rs[0], ep=4, hierarchy=hierarchy,
             slot_rows=slot_rows)
         return got[None]
@@ -168,13 +169,13 @@ def test_ep_buckets_pick_the_smallest_fitting_exchange(monkeypatch, skewed):
     worst-case buffer (seen at run time from inside the branch taken), and
     both equal the bucket-free layer, forward and gradients."""
     seen = []
-    inner = expert_parallel._exchange_and_run
+    inner = exchange._exchange_and_run
 
-    def spy(buf, w, cfg, ep, tp, rows, *rest):
+    def spy(*args, rows, **kw):
         jax.debug.callback(lambda: seen.append(rows))  # runs only in the branch taken
-        return inner(buf, w, cfg, ep, tp, rows, *rest)
+        return inner(*args, rows=rows, **kw)
 
-    monkeypatch.setattr(expert_parallel, "_exchange_and_run", spy)
+    monkeypatch.setattr(exchange, "_exchange_and_run", spy)
     tokens = 512
     cfg = _cfg(dispatch="dropless", router="sigmoid_topk", top_k=1, ep_buckets=(3.0,))
     params, bias = _all_to_one_expert(cfg)
@@ -195,7 +196,7 @@ def test_ep_buckets_pick_the_smallest_fitting_exchange(monkeypatch, skewed):
     slot = cfg.ep_bucket_slots(num_a, 8)
     assert slot == [3 * num_a // 8]
     assert set(seen) == {8 * num_a if skewed else 8 * slot[0]}, seen
-    want = jax.jit(lambda: run(cfg.replace(ep_buckets=())))()
+    want = jax.jit(lambda: run(with_execution(cfg, ep_buckets=())))()
     _assert_tree_close(got, want)
 
 
@@ -281,13 +282,14 @@ def test_impossible_meshes_raise_before_compile():
     with pytest.raises(ValueError, match="divisible"):
         jax.jit(lambda p, x: jmoe.moe_apply(p, x, cfg, mesh=make_mesh(data=2, expert=4))).trace(
             params, jnp.zeros((T + 4, D)))
-    with pytest.raises(ValueError, match="num_experts=6"):
-        make_mesh(data=2, expert=4, num_experts=6)
+    with pytest.raises(ValueError, match=r"MoEConfig.num_experts=6 is invalid: it does not "
+                                         r"divide over the mesh's expert axis of size 4"):
+        init_params_sharded(jax.random.key(0), cfg6, make_mesh(data=2, expert=4))
     with pytest.raises(ValueError, match="device"):
         make_mesh(data=3, expert=2)
     with pytest.raises(ValueError, match="a2a_hierarchy"):
         jax.jit(lambda p, x: jmoe.moe_apply(
-            p, x, cfg.replace(a2a_hierarchy=3), mesh=make_mesh(data=2, expert=4))).trace(
+            p, x, with_execution(cfg, a2a_hierarchy=3), mesh=make_mesh(data=2, expert=4))).trace(
             params, jnp.zeros((T, D)))
 
 

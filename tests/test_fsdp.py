@@ -17,12 +17,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jmoe import model as model_lib
-from jmoe.sharding import specs
+from jmoe.sharding import make_mesh, specs
 from jmoe.train import checkpoint, loop, mesh as mesh_lib, step as step_lib
 from tests.test_train import tiny_config, train_losses
 
 STEPS = 4  # trained steps; checkpoints at STEPS // 2 and STEPS
-FSDP_MESH = {"model.d_model": 128, "model.num_layers": 1, "model.ep_buckets": (),
+FSDP_MESH = {"model.d_model": 128, "model.num_layers": 1, "execution.ep_buckets": (),
              "mesh.data": 2, "mesh.expert": 4, "total_steps": STEPS,
              "opt.schedule_steps": STEPS, "eval_every": STEPS, "checkpoint_every": STEPS // 2}
 
@@ -45,7 +45,7 @@ def specs_by_path(shardings) -> dict:
 
 def restore_onto(workdir, config, step, fsdp: bool):
     """The checkpoint of `step`, restored onto the shardings of `fsdp` on `config`'s mesh."""
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, owner="config.mesh")
     _, abstract = abstract_state(config)
     target = loop.abstract_with(abstract, mesh_lib.state_shardings(mesh, abstract, fsdp=fsdp))
     mgr = checkpoint.manager(workdir, every=1, keep=10, read_only=True)
@@ -80,15 +80,15 @@ def test_fsdp_spec_rule():
 
 def test_fsdp_partitions_params_and_moments_on_mesh_2x4():
     config = fsdp_config(True)
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, owner="config.mesh")
     init, abstract = abstract_state(config)
     on = specs_by_path(mesh_lib.state_shardings(mesh, abstract, fsdp=True))
     off = specs_by_path(mesh_lib.state_shardings(mesh, abstract, fsdp=False))
     expected = {
         "embed_VD": P("data", None),  # [256, 128]
         "unembed_DV": P(None, "data"),  # [128, 256]
-        "blocks/0/attn/w_q_DHK": P("data", None, None),  # [128, 2, 64]
-        "blocks/0/attn/w_o_HKD": P(None, None, "data"),  # [2, 64, 128]
+        "blocks/0/attn/w_q_DHQ": P("data", None, None),  # [128, 2, 64]
+        "blocks/0/attn/w_o_HQD": P(None, None, "data"),  # [2, 64, 128]
         "blocks/0/attn_norm/scale_D": P(),  # 128 elements: too small
         "final_norm/scale_D": P(),
         "blocks/0/ffn/router/w_DE": P(),  # [128, 8]: too small
@@ -105,7 +105,7 @@ def test_fsdp_partitions_params_and_moments_on_mesh_2x4():
     assert on["buffers/blocks/0/ffn/router/bias/value"] == P()
     # Without FSDP: experts over 'expert' (and 'tensor'), the rest replicated.
     assert off["params/blocks/0/ffn/experts/w_gate_EDF/value"] == P("expert", None, "tensor")
-    assert off["params/embed_VD/value"] == off["params/blocks/0/attn/w_q_DHK/value"] == P()
+    assert off["params/embed_VD/value"] == off["params/blocks/0/attn/w_q_DHQ/value"] == P()
     # Every moment has its parameter's spec, for every parameter.
     for path, spec in on.items():
         if path.startswith("params/"):
@@ -113,7 +113,7 @@ def test_fsdp_partitions_params_and_moments_on_mesh_2x4():
                 assert on[f"opt_state/1/0/{moment}/{path[len('params/'):]}"] == spec, path
 
     # With data=1 FSDP changes nothing.
-    mesh18 = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, expert=8, tensor=1)))
+    mesh18 = make_mesh(ml_collections.ConfigDict(dict(data=1, expert=8, tensor=1)))
     assert specs_by_path(mesh_lib.state_shardings(mesh18, abstract, fsdp=True)) == \
         specs_by_path(mesh_lib.state_shardings(mesh18, abstract, fsdp=False))
 

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jmoe import model as model_lib
+from jmoe import model_config
 from jmoe.sharding import collective_matmul as cm, fsdp, make_mesh
 from jmoe.train import loop, mesh as mesh_lib, step as step_lib
 from tests.test_fsdp import fsdp_config
@@ -133,7 +134,7 @@ def test_ring_projections_equal_gathered_einsums(data, expert):
     x_BTD = jax.random.normal(jax.random.key(1), (8, 16, LAYER["d_model"]))
     results = {}
     for ring in (False, True):
-        cfg = model_lib.from_config({**LAYER, "fsdp_collective_matmul": ring})
+        cfg = model_config.from_config(LAYER, {"fsdp_collective_matmul": ring})
         graphdef, state = nnx.split(model_lib.init_model(cfg, seed=0))
         shardings = mesh_lib.state_shardings(mesh, state, fsdp=True)
         x_sharding = NamedSharding(mesh, P(("data", "expert")))
@@ -179,15 +180,14 @@ def test_ring_applies_only_where_fsdp_shards():
 
 
 def test_switch_needs_fsdp_and_a_bool():
-    config = fsdp_config(False, **{"model.fsdp_collective_matmul": True})
-    with pytest.raises(ValueError, match=r"config\.model\.fsdp_collective_matmul=True is "
+    config = fsdp_config(False, **{"execution.fsdp_collective_matmul": True})
+    with pytest.raises(ValueError, match=r"config\.execution\.fsdp_collective_matmul=True is "
                                          r"invalid: .*--config\.mesh\.fsdp=true"):
         loop.validate_config(config)
-    loop.validate_config(fsdp_config(True, **{"model.fsdp_collective_matmul": True}))
-    with pytest.raises(ValueError, match=r"config\.model\.fsdp_collective_matmul=1 is invalid"):
-        model_lib.from_config({"fsdp_collective_matmul": 1})
-    # An execution choice: a run may resume with it flipped.
-    assert "fsdp_collective_matmul" in loop.EXECUTION_FIELDS
+    loop.validate_config(fsdp_config(True, **{"execution.fsdp_collective_matmul": True}))
+    with pytest.raises(ValueError,
+                       match=r"config\.execution\.fsdp_collective_matmul=1 is invalid"):
+        model_config.from_config({}, {"fsdp_collective_matmul": 1})
 
 
 # ---------------------------------------------------------------- trainer --
@@ -203,9 +203,9 @@ _COLLECTIVE = re.compile(r"= (\w+\[[\d,]*\])\S* (all-gather|collective-permute)(
 
 def _train(ring: bool):
     """(metrics of STEPS steps on one batch, the compiled train step, its config)."""
-    config = fsdp_config(True, **TRAIN, **{"model.fsdp_collective_matmul": ring})
+    config = fsdp_config(True, **TRAIN, **{"execution.fsdp_collective_matmul": ring})
     gpt = loop.validate_config(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, owner="config.mesh")
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     init = step_lib.make_init(gpt, tx, config.seed)
     shardings = mesh_lib.state_shardings(mesh, jax.eval_shape(init), fsdp=True)

@@ -362,7 +362,7 @@ def test_bad_shapes_and_dtypes_raise():
         ((lhs, rhs[0], gs), "rhs must have shape"),
         ((lhs, rhs, gs[None]), "group_sizes must have shape"),
         ((lhs, rhs, jnp.asarray([1, 2, 3], jnp.int32)), "must match"),
-        ((lhs, jnp.zeros((2, 5, 6)), gs), "K=4"),
+        ((lhs, jnp.zeros((2, 5, 6)), gs), "I=4"),
         ((lhs.astype(jnp.int32), rhs, gs), "lhs has dtype int32"),
         ((lhs, rhs, gs.astype(jnp.float32)), "group_sizes has dtype"),
     ]

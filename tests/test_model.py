@@ -11,6 +11,9 @@ import pytest
 from flax import nnx
 
 from jmoe import model as M
+from jmoe import model_config
+from jmoe.model_config import ModelExecution
+from cfg_helpers import gpt_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +30,7 @@ def tiny(**kw):
     m = dict(vocab_size=64, d_model=32, num_layers=3, num_heads=4, d_ff=16, num_experts=4,
              top_k=2, group_align=1)
     m.update(kw)
-    return M.from_config(m)
+    return gpt_config(m)
 
 
 def apply(model, tokens, train=False):
@@ -72,13 +75,13 @@ def test_dense_switch_has_equal_active_params():
         moe = tiny(**kw)
         dense = dataclasses.replace(moe, dense=True)
         assert dense.moe_layers == ()
-        c_moe, c_dense = M.param_count_formula(moe), M.param_count_formula(dense)
+        c_moe, c_dense = model_config.param_count_formula(moe), model_config.param_count_formula(dense)
         assert n_params(moe) == c_moe["total"] and n_params(dense) == c_dense["total"]
         router = len(moe.moe_layers) * moe.d_model * moe.moe.num_experts
         # Same active weights; the dense model just has no router.
         assert c_dense["active"] == c_moe["active"] - router
         assert c_dense["total"] == c_dense["active"] < c_moe["total"]
-        assert M.flops_per_token(dense, 64) < M.flops_per_token(moe, 64)
+        assert model_config.flops_per_token(dense, 64) < model_config.flops_per_token(moe, 64)
 
 
 def test_remat_and_dtypes_keep_the_function():
@@ -97,10 +100,10 @@ def test_remat_and_dtypes_keep_the_function():
 
     v0, g0 = loss(cfg)
     for remat in ("full", "dots"):  # same function, same gradients
-        v1, g1 = loss(dataclasses.replace(cfg, remat=remat))
+        v1, g1 = loss(dataclasses.replace(cfg, execution=ModelExecution(remat=remat)))
         np.testing.assert_allclose(v0, v1, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
-    bf = M.from_config(dict(vocab_size=64, d_model=32, num_layers=1, num_heads=4, d_ff=16,
+    bf = gpt_config(dict(vocab_size=64, d_model=32, num_layers=1, num_heads=4, d_ff=16,
                             num_experts=4, top_k=2, group_align=1, dtype="bfloat16"))
     model = M.init_model(bf, 0)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -113,10 +116,10 @@ def test_remat_and_dtypes_keep_the_function():
 @pytest.mark.parametrize("kw,field", [
     (dict(num_heads=5), "config.model.num_heads"),
     (dict(num_kv_heads=3), "config.model.num_kv_heads"),
-    (dict(remat="some"), "config.model.remat"),
+    (dict(remat="some"), "config.execution.remat"),
     (dict(top_k=9), "top_k"),
     (dict(router="hash"), "router"),
-    (dict(d_modle=8), "config.model.d_modle"),
+    (dict(d_modle=8), "config.model.d_modle is not a field of config.model: did you mean 'd_model'"),
 ])
 def test_bad_model_config_raises_naming_the_field(kw, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -131,14 +134,14 @@ def test_bad_model_config_raises_naming_the_field(kw, field):
     ("small,dense", None, None)])
 def test_config_variants_eval_shape_param_counts(variant, total, active):
     config = load_gpt_moe_config(variant)
-    cfg = M.from_config(config.model)
-    counts = M.param_count_formula(cfg)
+    cfg = model_config.from_config(config.model, config.execution)
+    counts = model_config.param_count_formula(cfg)
     assert n_params(cfg) == counts["total"]
     if total is not None:
         assert abs(counts["total"] - total) / total < 0.01
         assert abs(counts["active"] - active) / active < 0.02
     if "dense" in variant:
-        moe = M.param_count_formula(M.from_config(load_gpt_moe_config("small").model))
+        moe = model_config.param_count_formula(model_config.from_config(load_gpt_moe_config("small").model))
         router = sum(cfg.d_model * config.model.num_experts for _ in range(cfg.num_layers))
         assert counts["active"] == moe["active"] - router
 

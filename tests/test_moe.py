@@ -1,5 +1,6 @@
 """The single-device MoE layer against the per-token reference."""
 
+import dataclasses
 import itertools
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 import jmoe
+from cfg_helpers import moe_config
 import jmoe.linen
 from moe_reference import reference_moe
 
@@ -21,7 +23,7 @@ D, F = 8, 16
 def _cfg(**kw):
     base = dict(d_model=D, d_ff=F, num_experts=4, top_k=2, group_align=4)
     base.update(kw)
-    return jmoe.MoEConfig(**base)
+    return moe_config(**base)
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
@@ -121,20 +123,25 @@ def test_load_balance_and_z_loss_formulas():
     logits = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]))
     r = jmoe.routing.softmax_topk(logits, 1, renormalize=False)
     # f = [1/2, 1/2, 0]; P = [0.4, 0.4, 0.2]; loss = 3 * (0.2 + 0.2) = 1.2
-    assert float(jmoe.routing.load_balance_loss(r.probs_TE, r.experts_TK)) == pytest.approx(1.2)
+    stats = jmoe.stats.finalize(jmoe.stats.router_sums(r, 3))
+    assert float(stats.load_balance_loss) == pytest.approx(1.2)
     z = jnp.array([[1.0, 2.0], [0.0, 0.0]])
     expect = (np.log(np.e + np.e ** 2) ** 2 + np.log(2.0) ** 2) / 2
-    assert float(jmoe.routing.z_loss(z)) == pytest.approx(expect, rel=1e-6)
-    # The layer's aux reports the same numbers.
+    zr = jmoe.routing.softmax_topk(z, 1, renormalize=False)
+    assert float(jmoe.stats.finalize(jmoe.stats.router_sums(zr, 2)).z_loss) == pytest.approx(
+        expect, rel=1e-6)
+    # The layer's aux reports the same numbers, computed here in NumPy.
     cfg = _cfg(num_experts=3, top_k=1, router="softmax_topk", renormalize=False)
     params = jmoe.init_params(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (16, D))
     _, aux = jax.jit(lambda p, x: jmoe.moe_apply(p, x, cfg))(params, x)
-    lg = x @ params["router"]["w_DE"]
-    rr = jmoe.routing.softmax_topk(lg, 1, False)
-    assert float(aux.load_balance_loss) == pytest.approx(
-        float(jmoe.routing.load_balance_loss(rr.probs_TE, rr.experts_TK)), rel=1e-5)
-    assert float(aux.z_loss) == pytest.approx(float(jmoe.routing.z_loss(lg)), rel=1e-5)
+    lg = np.asarray(x @ params["router"]["w_DE"], np.float64)
+    p = np.exp(lg - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    f = np.bincount(p.argmax(-1), minlength=3) / 16
+    assert float(aux.load_balance_loss) == pytest.approx(3 * np.sum(f * p.mean(0)), rel=1e-5)
+    lse = np.log(np.exp(lg).sum(-1))
+    assert float(aux.z_loss) == pytest.approx(np.mean(lse ** 2), rel=1e-5)
 
 
 def test_aux_loss_free_bias_balances_a_skewed_router():
@@ -252,7 +259,7 @@ def test_linen_adapter_equals_moe_apply_and_trains():
     (dict(dispatch="sparse"), "dispatch"),
     (dict(activation="relu"), "activation"),
     (dict(drop_policy="random"), "drop_policy"),
-    (dict(gmm_backend="cuda"), "gmm_backend"),
+    (dict(gmm_backend="cuda"), "gmm_backend"),  # Execution's, below
     (dict(router="switch", top_k=2), "top_k"),
     (dict(router="expert_choice", dispatch="dropless"), "dispatch"),
     (dict(router="sigmoid_topk", n_group=3, topk_group=1), "n_group"),
@@ -262,7 +269,9 @@ def test_linen_adapter_equals_moe_apply_and_trains():
     (dict(group_align=0), "group_align"),
 ])
 def test_bad_config_raises_naming_the_field(kw, field):
-    with pytest.raises(ValueError, match=rf"MoEConfig\.{field}="):
+    owner = "Execution" if field in {f.name for f in dataclasses.fields(jmoe.Execution)} else \
+        "MoEConfig"
+    with pytest.raises(ValueError, match=rf"{owner}\.{field}="):
         _cfg(**kw)
 
 
@@ -280,6 +289,23 @@ def test_combine_aux_of_token_chunks_equals_whole():
     y, aux = jmoe.moe_apply(params, x, cfg)
     parts = [jmoe.moe_apply(params, c, cfg) for c in jnp.split(x, 4)]
     _close(jnp.concatenate([p[0] for p in parts]), y)
-    merged = jmoe.moe.combine_aux([p[1] for p in parts], cfg)
+    merged = jmoe.stats.combine_aux([p[1] for p in parts], [8] * 4, cfg.top_k)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(aux)):
         _close(a, b)
+
+
+def test_a_bias_the_router_cannot_use_raises():
+    """`bias=` with a router that has no selection bias, or of the wrong
+    shape, is a mistake: it used to be ignored or broadcast silently."""
+    cfg = _cfg(router="softmax_topk")
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    x = jnp.zeros((8, D))
+    with pytest.raises(ValueError, match=r"router='softmax_topk' has no selection bias.*drop "
+                                         r"bias=, or set router='sigmoid_topk'"):
+        jmoe.moe_apply(params, x, cfg, bias=jnp.zeros((4,)))
+    sig = _cfg(router="sigmoid_topk")
+    with pytest.raises(ValueError, match=r"bias has shape \(1,\) but MoEConfig.num_experts=4"):
+        jmoe.moe_apply(jmoe.init_params(jax.random.key(0), sig), x, sig, bias=jnp.zeros((1,)))
+    # The modules keep a bias for every router and pass it only where it is read.
+    y, _ = jmoe.MoE(cfg, rngs=nnx.Rngs(params=0))(x)
+    assert y.shape == x.shape

@@ -25,12 +25,13 @@ import numpy as np
 import portpicker
 import pytest
 
-from jmoe.sharding import distributed as dist
+from jmoe.runtime import distributed as dist
+from jmoe.sharding import make_mesh
 from jmoe.train import checkpoint, cli, loop, mesh as mesh_lib, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "scripts", "slurm", "train.sbatch")
-SNIPPET = os.path.join(ROOT, "scripts", "slurm", "README_SECTION.md")
+MULTI_HOST_DOC = os.path.join(ROOT, "docs", "multi-host.md")
 
 # A one-layer model: start-up and compilation dominate, a step takes ~0.1 s.
 # The LR schedule has a fixed length, so runs of any total_steps (and resumed
@@ -149,10 +150,7 @@ def test_sbatch_template_parses_and_matches_the_readme():
         assert re.search(rf"^#SBATCH {directive}=", text, re.M), directive
     cmd = _srun_line(text)
     assert re.search(r"python train\.py --config ", cmd), cmd
-    docs = [SNIPPET] + [os.path.join(ROOT, "README.md")] * (
-        "Running on a SLURM cluster" in open(os.path.join(ROOT, "README.md")).read())
-    for path in docs:
-        assert _srun_line(open(path).read()) == cmd, path
+    assert _srun_line(open(MULTI_HOST_DOC).read()) == cmd
 
 
 # --------------------------------------------------------------------------
@@ -255,7 +253,7 @@ def restore_state(workdir: str, step: int):
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     abstract = jax.eval_shape(step_lib.make_init(gpt, tx, config.seed))
     # Saved by 2 processes: give the target shardings (this process's mesh).
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, owner="config.mesh")
     abstract = loop.abstract_with(abstract, mesh_lib.state_shardings(mesh, abstract))
     mgr = checkpoint.manager(workdir, every=1, keep=10, read_only=True)
     try:
@@ -309,7 +307,7 @@ def test_checkpoints_move_between_one_and_two_processes(first_runs):
     shutil.copytree(one, to_two)
     # One exchange buffer instead of the bucket switch (an execution knob, so
     # resuming with it changed is allowed): ~9 s less compile per process.
-    fast = {"model.ep_buckets": "()"}
+    fast = {"execution.ep_buckets": "()"}
     jobs = [Job(to_one, 1, total_steps=6, **fast),
             Job(to_two, 2, how="flags", total_steps=6, **fast)]
     for job in jobs:
@@ -327,7 +325,7 @@ def test_preemption_and_a_dead_process(tmp_path):
     # Failure handling, not the exchange: one exchange buffer instead of the
     # bucket switch saves each of the six process launches ~9 s of compile
     # (the bucketed exchange across processes runs in `first_runs`).
-    fast = {"model.ep_buckets": "()"}
+    fast = {"execution.ep_buckets": "()"}
     # SIGTERM to one process (SLURM preemption): both stop at one agreed step,
     # save it, and exit 0. Unagreed, the step only one of them runs would hang.
     job = Job(workdir, 2, tag="-term", total_steps=10_000, **fast)

@@ -19,6 +19,7 @@ from jax.extend import core as jax_core
 
 import jmoe
 from jmoe.sharding import make_mesh
+from cfg_helpers import gpt_config, moe_config
 
 D, F, E, T = 16, 32, 8, 64
 
@@ -26,7 +27,7 @@ D, F, E, T = 16, 32, 8, 64
 def _cfg(**kw):
     base = dict(d_model=D, d_ff=F, num_experts=E, top_k=2, group_align=4, capacity_factor=2.0)
     base.update(kw)
-    return jmoe.MoEConfig(**base)
+    return moe_config(**base)
 
 
 def _eqns(jaxpr):
@@ -74,7 +75,7 @@ def test_collective_matmul_becomes_a_ppermute_ring(tensor):
     mesh = make_mesh(data=1, expert=8 // tensor, tensor=tensor)
     cfg = _cfg(dispatch="capacity")
     plain = _layer_hlo(cfg, mesh)
-    ring = _layer_hlo(cfg.replace(collective_matmul=True), mesh)
+    ring = _layer_hlo(cfg.with_execution(collective_matmul=True), mesh)
     assert not _hlo_ops(plain, "collective-permute")
     assert _hlo_ops(plain, "reduce-scatter")
     assert not _hlo_ops(ring, "reduce-scatter")
@@ -101,7 +102,7 @@ def _gpt_jaxpr(lancet_chunks, mesh):
 
     from jmoe import model as model_lib
 
-    gcfg = model_lib.from_config(dict(
+    gcfg = gpt_config(dict(
         vocab_size=64, d_model=32, num_layers=1, num_heads=4, d_ff=32, num_experts=8,
         top_k=2, dispatch="dropless", group_align=4, lancet_chunks=lancet_chunks))
     abstract = nnx.eval_shape(lambda: model_lib.GPT(gcfg, rngs=nnx.Rngs(params=0)))
@@ -222,17 +223,9 @@ def test_a2a_hierarchy_reaches_every_dropless_exchange():
 
 # ----------------------------------------------------------- gmm_backend --
 
-# The Pallas kernel under an expert mesh is a known failure (see the reason).
-_PALLAS_EP_BUG = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="pallas_call's out_shape carries no vma, so it cannot trace inside the "
-           "expert-parallel shard_map (check_vma=True): gmm_backend='pallas' (and "
-           "'auto' on GPU) fails on an expert mesh")
-
-
 @pytest.mark.parametrize("backend,mesh_shape", [
     ("xla", None), ("pallas", None), ("auto", None),
-    ("xla", (1, 8)), pytest.param("pallas", (1, 8), marks=_PALLAS_EP_BUG), ("auto", (1, 8))])
+    ("xla", (1, 8)), ("auto", (1, 8))])
 def test_gmm_backend_picks_the_kernel(backend, mesh_shape):
     """Dropless SwiGLU experts: 3 grouped matmuls forward (gate, up, down);
     backward, for each, the input gradient (a transposed gmm) and the weight
@@ -247,3 +240,37 @@ def test_gmm_backend_picks_the_kernel(backend, mesh_shape):
         assert kernels == {"jmoe_gmm": 3, "jmoe_gmm_t": 3, "jmoe_tgmm": 3}
     else:
         assert not kernels
+
+
+def test_pallas_kernels_lower_for_cuda_inside_the_expert_shard_map():
+    """The GPU path of `gmm_backend='pallas'` (also 'auto' on GPU) under an
+    expert mesh: the kernels' outputs declare the manual axes they vary over,
+    so the shard_map traces, and the program lowers to Triton calls for CUDA.
+    (Without that declaration JAX refused to trace it: every GPU run on an
+    expert mesh failed before compiling.)"""
+    from jax.sharding import PartitionSpec as P
+    from jmoe import kernels
+    mesh = make_mesh(data=1, expert=8)
+
+    def body(lhs, rhs, sizes):
+        loss = lambda l, r: kernels.gmm(l, r, sizes, backend="pallas", interpret=False).sum()
+        return jax.grad(loss, argnums=(0, 1))(lhs, rhs)
+
+    lhs = jnp.zeros((8 * 64, 32), jnp.bfloat16)
+    rhs = jnp.zeros((8 * 4, 32, 64), jnp.bfloat16)
+    sizes = jnp.full((8 * 4,), 16, jnp.int32)
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("expert"),) * 3,
+                               out_specs=(P("expert"), P("expert"))))
+    text = fn.trace(lhs, rhs, sizes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") >= 3  # gmm, its transpose, tgmm
+
+
+def test_pallas_on_an_expert_mesh_off_gpu_is_refused_before_compile():
+    """Interpret mode (off GPU) cannot run inside the shard_map: a clear
+    error naming the field and the fix, not JAX's internal one."""
+    cfg = _cfg(dispatch="dropless", gmm_backend="pallas")
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    with pytest.raises(ValueError, match=r"Execution.gmm_backend='pallas' is invalid: .*use "
+                                         r"'xla' or 'auto' off GPU"):
+        jmoe.moe_apply(params, jnp.zeros((64, cfg.d_model)), cfg,
+                       mesh=make_mesh(data=1, expert=8))

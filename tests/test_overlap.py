@@ -9,6 +9,8 @@ import pytest
 from jax.extend import core as jax_core
 
 import jmoe
+from cfg_helpers import gpt_config, moe_config, with_execution
+from jmoe import model_config
 from jmoe.sharding import make_mesh
 
 D, F, E, T = 16, 32, 8, 64
@@ -17,7 +19,7 @@ D, F, E, T = 16, 32, 8, 64
 def _cfg(**kw):
     base = dict(d_model=D, d_ff=F, num_experts=E, top_k=2, group_align=4, capacity_factor=2.0)
     base.update(kw)
-    return jmoe.MoEConfig(**base)
+    return moe_config(**base)
 
 
 def _run(cfg, mesh, params, x, ct):
@@ -38,7 +40,7 @@ def test_overlap_chunks_equal_unchunked(dispatch, data, expert):
     mesh = make_mesh(data=data, expert=expert)
     ref = _run(cfg, mesh, params, x, ct)
     for n in (2, 4):
-        got = _run(cfg.replace(overlap_chunks=n), mesh, params, x, ct)
+        got = _run(with_execution(cfg, overlap_chunks=n), mesh, params, x, ct)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             b = np.asarray(b)
             np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5,
@@ -67,9 +69,9 @@ def _chunk_of(eqn):
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
 def test_chunks_are_independent_in_the_jaxpr(dispatch, monkeypatch):
     # The structure GPU/TPU get; on XLA:CPU the chunks are ordered on purpose
-    # (see expert_parallel.serialize_chunks), which the next test checks.
-    from jmoe.sharding import expert_parallel
-    monkeypatch.setattr(expert_parallel, "serialize_chunks", lambda: False)
+    # (see schedule.serialize_chunks), which the next test checks.
+    from jmoe.sharding import schedule
+    monkeypatch.setattr(schedule, "serialize_chunks", lambda: False)
     n = 4
     cfg = _cfg(dispatch=dispatch, overlap_chunks=n)
     params = jmoe.init_params(jax.random.key(0), cfg)
@@ -149,8 +151,8 @@ def test_expert_weight_grads_are_off_the_backward_all_to_all_chain():
 
 
 def test_chunks_are_ordered_on_cpu():
-    from jmoe.sharding import expert_parallel
-    assert expert_parallel.serialize_chunks()  # this suite runs on CPU
+    from jmoe.sharding import schedule
+    assert schedule.serialize_chunks()  # this suite runs on CPU
     cfg = _cfg(dispatch="dropless", overlap_chunks=2)
     params = jmoe.init_params(jax.random.key(0), cfg)
     text = str(jax.make_jaxpr(lambda p, x: jmoe.moe_apply(
@@ -166,8 +168,8 @@ def test_chunked_dropless_backward_at_a_size_that_crashed_xla_cpu():
     """jaxlib 0.10.2's XLA:CPU segfaulted in this backward pass (a YNNPACK
     fusion bug); tests/conftest.py applies the same workaround flags as
     train.py, so this runs and equals the unchunked layer."""
-    cfg = jmoe.MoEConfig(d_model=256, d_ff=256, num_experts=8, top_k=2, activation="gelu",
-                         overlap_chunks=2)
+    cfg = moe_config(d_model=256, d_ff=256, num_experts=8, top_k=2, activation="gelu",
+                     overlap_chunks=2)
     params = jmoe.init_params(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (2048, 256))
     y, _, grads = _run(cfg, make_mesh(data=1, expert=8), params, x, x)
@@ -242,7 +244,7 @@ def test_collective_matmul_layer_equals_plain(tensor):
     ct = jax.random.normal(jax.random.key(2), (T, D))
     mesh = make_mesh(data=1, expert=8 // tensor, tensor=tensor)
     ref = _run(cfg, None, params, x, ct)
-    got = _run(cfg.replace(collective_matmul=True), mesh, params, x, ct)
+    got = _run(with_execution(cfg, collective_matmul=True), mesh, params, x, ct)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         b = np.asarray(b)
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5,
@@ -253,14 +255,14 @@ def test_gpu_flags_are_filtered_to_what_jaxlib_knows(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from jmoe.sharding import xla_flags
+    from jmoe.runtime import xla_flags
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     ok = xla_flags.supported_flags(["--xla_gpu_enable_latency_hiding_scheduler=true",
                                     "--xla_gpu_enable_this_flag_does_not_exist=true"])
     assert ok == ["--xla_gpu_enable_latency_hiding_scheduler=true"]
     # The full set, applied, starts JAX cleanly (no abort on a stale name).
-    code = ("import os; from jmoe.sharding import xla_flags; "
+    code = ("import os; from jmoe.runtime import xla_flags; "
             "added = xla_flags.configure_gpu_overlap(force=True); "
             "import jax; jax.devices(); print(len(added))")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), XLA_FLAGS="", JAX_PLATFORMS="cpu")
@@ -274,7 +276,7 @@ def test_gpu_flags_are_filtered_to_what_jaxlib_knows(tmp_path, monkeypatch):
 
 
 def test_overlap_report_reads_async_pairs():
-    from jmoe.sharding import xla_flags
+    from jmoe.runtime import xla_flags
 
     hlo = """
       %a2a-start = (f32[8]) all-to-all-start(f32[8] %p0), replica_groups={}
@@ -289,12 +291,10 @@ def test_overlap_report_reads_async_pairs():
 
 
 def _tiny_gpt(**kw):
-    from jmoe import model as model_lib
-
     fields = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=32,
                   num_experts=8, top_k=2, dispatch="dropless", group_align=4)
     fields.update(kw)
-    return model_lib.from_config(fields)
+    return gpt_config(fields)
 
 
 def _logits_and_grads(gcfg, tokens, mesh=None):
@@ -349,9 +349,9 @@ def test_scmoe_is_a_different_model_that_trains():
     model = model_lib.init_model(gcfg, seed=0)
     plain = model_lib.init_model(_tiny_gpt(), seed=0)
     assert model_lib.count_params(nnx.state(model, nnx.Param)) == \
-        model_lib.param_count_formula(gcfg)["total"]
-    assert model_lib.param_count_formula(gcfg)["total"] > \
-        model_lib.param_count_formula(_tiny_gpt())["total"]
+        model_config.param_count_formula(gcfg)["total"]
+    assert model_config.param_count_formula(gcfg)["total"] > \
+        model_config.param_count_formula(_tiny_gpt())["total"]
     del plain
     data = jax.random.randint(jax.random.key(3), (8, 17), 0, 16)  # a small alphabet: learnable
     opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)

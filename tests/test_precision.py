@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from cfg_helpers import gpt_config
 from moe_reference import reference_moe
 
 import jmoe
@@ -243,7 +244,8 @@ def test_moe_layer_bf16_against_fp32_reference(dtype, param_dtype, backend):
     """
     d, f, e, k, t = 256, 512, 4, 2, 64
     cfg = jmoe.MoEConfig(d_model=d, d_ff=f, num_experts=e, top_k=k, group_align=16,
-                         gmm_backend=backend, dtype=dtype, param_dtype=param_dtype)
+                         dtype=dtype, param_dtype=param_dtype,
+                         execution=jmoe.Execution(gmm_backend=backend))
     params = jmoe.init_params(jax.random.key(0), cfg)
     # fp32 input holding bf16 numbers: the layer's output comes back in fp32,
     # so an fp32 computation (the dtype ignored) would show as a tiny error.
@@ -337,7 +339,7 @@ def test_gpt_bf16_logits_against_fp32():
     match to bf16 rounding; tokens routed differently are few near-ties."""
     kw = dict(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
               d_ff=32, num_experts=4, top_k=2, group_align=1, first_dense_layers=1)
-    cfg32, cfg16 = M.from_config(kw), M.from_config(dict(kw, dtype="bfloat16"))
+    cfg32, cfg16 = gpt_config(kw), gpt_config(dict(kw, dtype="bfloat16"))
     assert cfg32.moe_layers == (1,) and cfg16.moe.dtype == "bfloat16"
     graphdef32, state = nnx.split(M.init_model(cfg32, 0))
     # At init the unit-scale embedding dominates the residual stream (and is

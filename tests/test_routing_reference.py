@@ -19,7 +19,8 @@ from jax.extend import core as jax_core
 
 import jmoe
 from jmoe import routing
-from jmoe.sharding import expert_parallel, make_mesh
+from jmoe.sharding import exchange, make_mesh
+from cfg_helpers import moe_config
 
 D, F, E, K = 16, 32, 8, 2
 
@@ -27,7 +28,7 @@ D, F, E, K = 16, 32, 8, 2
 def _cfg(**kw):
     base = dict(d_model=D, d_ff=F, num_experts=E, top_k=K, group_align=4)
     base.update(kw)
-    return jmoe.MoEConfig(**base)
+    return moe_config(**base)
 
 
 def _assert_close(got, want, rtol=1e-5):
@@ -101,19 +102,19 @@ def test_dropless_exchange_equals_reference(monkeypatch, case, buckets):
     per-token reference, forward and gradients w.r.t. x and every parameter,
     drops nothing, and ran the exchange buffer the routing calls for."""
     seen = []
-    inner = expert_parallel._exchange_and_run
+    inner = exchange._exchange_and_run
 
-    def spy(buf, w, cfg, ep, tp, rows, *rest):
+    def spy(*args, rows, **kw):
         jax.debug.callback(lambda: seen.append(rows))  # runs only in the branch taken
-        return inner(buf, w, cfg, ep, tp, rows, *rest)
+        return inner(*args, rows=rows, **kw)
 
-    monkeypatch.setattr(expert_parallel, "_exchange_and_run", spy)
+    monkeypatch.setattr(exchange, "_exchange_and_run", spy)
     skew, rows = SKEWS[case]
     cfg = _cfg(dispatch="dropless", ragged_impl="dense")
     if buckets is not None:
-        cfg = cfg.replace(ep_buckets=buckets)
+        cfg = cfg.with_execution(ep_buckets=buckets)
     else:
-        assert cfg.ep_buckets == (1.5, 3.0)
+        assert cfg.execution.ep_buckets == (1.5, 3.0)
         assert cfg.ep_bucket_slots(32, 4) == [16, 24]
     params, x, ct = _skewed_inputs(*skew)
 

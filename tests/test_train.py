@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from jmoe import model as model_lib, routing
+from jmoe.sharding import make_mesh
 from jmoe.train import checkpoint, cli, loop, mesh as mesh_lib, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,7 +255,7 @@ def test_grad_accumulation_and_router_bias_update():
                             "loss.load_balance_weight": 0.0, "loss.z_loss_weight": 0.0,
                             "mesh.data": -1, "mesh.expert": 1})
     gpt = loop.validate_config(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, owner="config.mesh")
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     sched = step_lib.make_schedule(config.opt, config.total_steps)
     init = step_lib.make_init(gpt, tx, 0)
@@ -286,6 +287,11 @@ def test_grad_accumulation_and_router_bias_update():
     (["--config.data.source=text", "--config.data.path=/no/such/dir"], "config.data.path"),
     (["--config.model.top_k=99"], "top_k"),
     (["--config.batch_size=12", "--config.mesh.data=8"], "config.batch_size"),
+    # An unknown key at any depth names itself and the valid ones.
+    (["--config.train.steps=abc"], "unknown config field 'train' in --config.train.steps; "
+                                   "fields of config: async_checkpointing, batch_size"),
+    (["--config.model.num_expert=4"], "did you mean 'num_experts'?); fields of config.model:"),
+    (["--config.execution.overlap_chunks=0"], "config.execution.overlap_chunks=0 is invalid"),
 ])
 def test_cli_errors_exit_nonzero_with_one_clear_line(tmp_path, args, needle):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
@@ -306,7 +312,7 @@ def test_train_py_sets_gpu_flags_before_jax_starts(tmp_path):
     script = f"""
 import runpy, sys
 from jax._src import xla_bridge
-import jmoe.sharding.xla_flags as xf
+import jmoe.runtime.xla_flags as xf
 def probe(*a, **k):
     print("BACKENDS_STARTED", xla_bridge.backends_are_initialized(), flush=True)
     return []
@@ -325,7 +331,7 @@ def test_resume_check_compares_the_model_not_how_it_runs():
     config = tiny_config()
     saved = json.loads(json.dumps(config.model.to_dict()))  # as the checkpoint stores it
     loop._check_same_model(saved, config)  # tuples came back as lists: still the same
-    config.model.overlap_chunks = 2  # an execution knob: resuming with it is fine
+    config.execution.overlap_chunks = 2  # how it runs: resuming with it is fine
     loop._check_same_model(saved, config)
     config.model.d_model = 2 * config.model.d_model
     with pytest.raises(ValueError, match="config.model.d_model"):

@@ -1,9 +1,9 @@
 """Grouped matrix multiplication for MoE experts.
 
-    out_MN   = gmm(lhs_MK, rhs_GKN, group_sizes_G)    out[m] = lhs[m] @ rhs[g(m)]
-    drhs_GKN = tgmm(lhs_MK, dout_MN, group_sizes_G)   per-group lhs.T @ dout
+    out_MN   = gmm(lhs_MI, rhs_GIN, group_sizes_G)    out[m] = lhs[m] @ rhs[g(m)]
+    drhs_GIN = tgmm(lhs_MI, dout_MN, group_sizes_G)   per-group lhs.T @ dout
 
-M rows grouped contiguously into G groups, K contraction, N output columns.
+M rows grouped contiguously into G groups, I contraction (inner), N output columns.
 Both are differentiable (jax.custom_vjp). Backends: 'xla' (pure XLA, any
 platform), 'pallas' (Triton kernels on GPU; interpret mode elsewhere), 'auto'.
 """

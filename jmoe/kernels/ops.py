@@ -1,7 +1,7 @@
 """Public grouped-matmul ops: argument checks, backend choice, custom VJPs.
 
-    out_MN  = gmm(lhs_MK, rhs_GKN, group_sizes_G)   out[m] = lhs[m] @ rhs[g(m)]
-    drhs_GKN = tgmm(lhs_MK, dout_MN, group_sizes_G) drhs[g] = lhs_g.T @ dout_g
+    out_MN  = gmm(lhs_MI, rhs_GIN, group_sizes_G)   out[m] = lhs[m] @ rhs[g(m)]
+    drhs_GIN = tgmm(lhs_MI, dout_MN, group_sizes_G) drhs[g] = lhs_g.T @ dout_g
 
 Rows are grouped contiguously (group 0 owns rows [0, gs[0]), group 1 the next
 gs[1] rows, ...); rows past sum(group_sizes) give zeros and receive zero
@@ -23,26 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmoe.config import GMM_BACKENDS, GPU_PLATFORMS, resolve_gmm_backend
 from jmoe.kernels import xla_gmm
 from jmoe.vma import match_cotangent
 from jmoe.kernels.tiles import (
     XLA_TM, Tiling, as_tiling, check_pallas_tiling, default_pallas_tiling)
 
-BACKENDS = ("auto", "xla", "pallas")
-
-
-def _on_gpu() -> bool:
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+BACKENDS = GMM_BACKENDS
 
 
 def resolve_backend(backend: str) -> str:
     """Maps 'auto' to the concrete backend for the default platform."""
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"backend={backend!r} is invalid: choose one of {BACKENDS}")
-    if backend == "auto":
-        return "pallas" if _on_gpu() else "xla"
-    return backend
+    return resolve_gmm_backend(backend, jax.default_backend())
 
 
 def _check_float(name: str, dtype) -> None:
@@ -87,7 +79,7 @@ def _tiling_for(backend: str, tiling, dtype, k: int, n: int) -> Tiling:
 
 
 def _interpret(interpret: bool | None) -> bool:
-    return (not _on_gpu()) if interpret is None else bool(interpret)
+    return (jax.default_backend() not in GPU_PLATFORMS) if interpret is None else bool(interpret)
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +130,7 @@ def _gmm_bwd(backend, tiling, out_dtype, interpret, transpose_rhs, res, dout):
     # Operands of one dot share a dtype (see _common), so cast the cotangent
     # to the weights' dtype: the usual mixed-precision backward.
     dout = dout.astype(rhs.dtype)
-    # out = lhs @ W with W = rhs[g] ([K, N]) or rhs[g].T (transpose_rhs).
+    # out = lhs @ W with W = rhs[g] ([I, N]) or rhs[g].T (transpose_rhs).
     # dlhs = dout @ W.T: the transposed-rhs form of the same op.
     dlhs = _gmm(dout, rhs, group_sizes, backend, tiling, lhs.dtype, interpret,
                 not transpose_rhs)
@@ -146,7 +138,7 @@ def _gmm_bwd(backend, tiling, out_dtype, interpret, transpose_rhs, res, dout):
     # all-to-all waits on it: Lancet's observation), so the scheduler may run
     # it alongside the backward exchange; the scope name lets tests check that.
     with jax.named_scope("expert_weight_grad"):
-        if transpose_rhs:  # rhs[g] is [N, K]: drhs[g] = dout_g.T @ lhs_g
+        if transpose_rhs:  # rhs[g] is [N, I]: drhs[g] = dout_g.T @ lhs_g
             drhs = _tgmm(dout, lhs, group_sizes, backend, tiling, rhs.dtype,
                          interpret)
         else:
@@ -171,13 +163,13 @@ def _tgmm_fwd(lhs, dout, group_sizes, backend, tiling, out_dtype, interpret):
     return out, (lhs, dout, group_sizes)
 
 
-def _tgmm_bwd(backend, tiling, out_dtype, interpret, res, c_GKN):
+def _tgmm_bwd(backend, tiling, out_dtype, interpret, res, c_GIN):
     lhs, dout, group_sizes = res
-    c_GKN = c_GKN.astype(lhs.dtype)
+    c_GIN = c_GIN.astype(lhs.dtype)
     # out[g] = lhs_g.T @ dout_g, so dlhs_g = dout_g @ c[g].T, ddout_g = lhs_g @ c[g].
-    dlhs = _gmm(dout, c_GKN, group_sizes, backend, tiling, lhs.dtype, interpret,
+    dlhs = _gmm(dout, c_GIN, group_sizes, backend, tiling, lhs.dtype, interpret,
                 True)
-    ddout = _gmm(lhs, c_GKN, group_sizes, backend, tiling, dout.dtype,
+    ddout = _gmm(lhs, c_GIN, group_sizes, backend, tiling, dout.dtype,
                  interpret, False)
     return match_cotangent(dlhs, lhs), match_cotangent(ddout, dout), None
 
@@ -196,8 +188,8 @@ def _common(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def gmm(
-    lhs_MK: jax.Array,
-    rhs_GKN: jax.Array,
+    lhs_MI: jax.Array,
+    rhs_GIN: jax.Array,
     group_sizes_G: jax.Array,
     *,
     backend: str = "auto",
@@ -209,8 +201,8 @@ def gmm(
     """Grouped matmul: out[m] = lhs[m] @ rhs[g(m)].
 
     Args:
-      lhs_MK: [M, K] rows grouped contiguously by group_sizes.
-      rhs_GKN: [G, K, N] one matrix per group ([G, N, K] if transpose_rhs).
+      lhs_MI: [M, I] rows grouped contiguously by group_sizes.
+      rhs_GIN: [G, I, N] one matrix per group ([G, N, I] if transpose_rhs).
       group_sizes_G: [G] int32 rows per group (traced; may be 0). Rows past
         sum(group_sizes) give zeros; a sum past M is clipped at M.
       backend: 'auto' (pallas on GPU, xla elsewhere), 'xla' or 'pallas'.
@@ -219,35 +211,35 @@ def gmm(
       preferred_element_type: output dtype (default: lhs dtype). Accumulation
         is always fp32.
       interpret: run Pallas kernels in interpret mode (default: off GPU only).
-      transpose_rhs: use rhs[g].T, with rhs of shape [G, N, K].
+      transpose_rhs: use rhs[g].T, with rhs of shape [G, N, I].
 
     Returns:
       [M, N] array.
     """
     backend = resolve_backend(backend)
-    if getattr(lhs_MK, "ndim", None) != 2:
-        raise ValueError(f"lhs must have shape [M, K], got {getattr(lhs_MK, 'shape', None)}")
-    if getattr(rhs_GKN, "ndim", None) != 3:
+    if getattr(lhs_MI, "ndim", None) != 2:
+        raise ValueError(f"lhs must have shape [M, I], got {getattr(lhs_MI, 'shape', None)}")
+    if getattr(rhs_GIN, "ndim", None) != 3:
         raise ValueError(
-            f"rhs must have shape [G, K, N], got {getattr(rhs_GKN, 'shape', None)}")
-    _check_float("lhs", lhs_MK.dtype)
-    _check_float("rhs", rhs_GKN.dtype)
-    _check_group_sizes(group_sizes_G, rhs_GKN.shape[0])
-    k_rhs = rhs_GKN.shape[2] if transpose_rhs else rhs_GKN.shape[1]
-    if lhs_MK.shape[1] != k_rhs:
+            f"rhs must have shape [G, I, N], got {getattr(rhs_GIN, 'shape', None)}")
+    _check_float("lhs", lhs_MI.dtype)
+    _check_float("rhs", rhs_GIN.dtype)
+    _check_group_sizes(group_sizes_G, rhs_GIN.shape[0])
+    k_rhs = rhs_GIN.shape[2] if transpose_rhs else rhs_GIN.shape[1]
+    if lhs_MI.shape[1] != k_rhs:
         raise ValueError(
-            f"lhs has K={lhs_MK.shape[1]} but rhs {rhs_GKN.shape} has K={k_rhs}"
-            f"{' (transpose_rhs=True: rhs is [G, N, K])' if transpose_rhs else ''}")
-    out_dtype = _out_dtype(preferred_element_type, lhs_MK.dtype)
-    lhs_MK, rhs_GKN = _common(lhs_MK, rhs_GKN)
-    n = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
-    t = _tiling_for(backend, tiling, lhs_MK.dtype, lhs_MK.shape[1], n)
-    return _gmm(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32), backend, t,
+            f"lhs has I={lhs_MI.shape[1]} columns but rhs {rhs_GIN.shape} has I={k_rhs}"
+            f"{' (transpose_rhs=True: rhs is [G, N, I])' if transpose_rhs else ''}")
+    out_dtype = _out_dtype(preferred_element_type, lhs_MI.dtype)
+    lhs_MI, rhs_GIN = _common(lhs_MI, rhs_GIN)
+    n = rhs_GIN.shape[1] if transpose_rhs else rhs_GIN.shape[2]
+    t = _tiling_for(backend, tiling, lhs_MI.dtype, lhs_MI.shape[1], n)
+    return _gmm(lhs_MI, rhs_GIN, group_sizes_G.astype(jnp.int32), backend, t,
                 out_dtype, _interpret(interpret), bool(transpose_rhs))
 
 
 def tgmm(
-    lhs_MK: jax.Array,
+    lhs_MI: jax.Array,
     dout_MN: jax.Array,
     group_sizes_G: jax.Array,
     *,
@@ -262,26 +254,26 @@ def tgmm(
     This is the weight gradient of gmm. Empty groups give zeros.
 
     Args:
-      lhs_MK: [M, K]; dout_MN: [M, N], rows grouped by group_sizes.
+      lhs_MI: [M, I]; dout_MN: [M, N], rows grouped by group_sizes.
       group_sizes_G: [G] int32 rows per group.
       num_groups: number of output groups, 1 <= num_groups <= G (default G);
         rows of later groups are ignored.
       backend, tiling, preferred_element_type, interpret: as for gmm.
 
     Returns:
-      [num_groups, K, N] array in lhs dtype (or preferred_element_type).
+      [num_groups, I, N] array in lhs dtype (or preferred_element_type).
     """
     backend = resolve_backend(backend)
-    if getattr(lhs_MK, "ndim", None) != 2:
-        raise ValueError(f"lhs must have shape [M, K], got {getattr(lhs_MK, 'shape', None)}")
+    if getattr(lhs_MI, "ndim", None) != 2:
+        raise ValueError(f"lhs must have shape [M, I], got {getattr(lhs_MI, 'shape', None)}")
     if getattr(dout_MN, "ndim", None) != 2:
         raise ValueError(
             f"dout must have shape [M, N], got {getattr(dout_MN, 'shape', None)}")
-    if lhs_MK.shape[0] != dout_MN.shape[0]:
+    if lhs_MI.shape[0] != dout_MN.shape[0]:
         raise ValueError(
-            f"lhs {lhs_MK.shape} and dout {dout_MN.shape} must have the same "
+            f"lhs {lhs_MI.shape} and dout {dout_MN.shape} must have the same "
             "number of rows M")
-    _check_float("lhs", lhs_MK.dtype)
+    _check_float("lhs", lhs_MI.dtype)
     _check_float("dout", dout_MN.dtype)
     _check_group_sizes(group_sizes_G)
     g_all = group_sizes_G.shape[0]
@@ -292,11 +284,11 @@ def tgmm(
         raise ValueError(
             f"num_groups={num_groups!r} is invalid: must be an int in "
             f"[1, {g_all}] (the length of group_sizes)")
-    out_dtype = _out_dtype(preferred_element_type, lhs_MK.dtype)
-    lhs_MK, dout_MN = _common(lhs_MK, dout_MN)
-    t = _tiling_for(backend, tiling, lhs_MK.dtype, lhs_MK.shape[1],
+    out_dtype = _out_dtype(preferred_element_type, lhs_MI.dtype)
+    lhs_MI, dout_MN = _common(lhs_MI, dout_MN)
+    t = _tiling_for(backend, tiling, lhs_MI.dtype, lhs_MI.shape[1],
                     dout_MN.shape[1])
     # Groups past num_groups then lie past sum(group_sizes): ignored.
     group_sizes_G = group_sizes_G[:int(num_groups)].astype(jnp.int32)
-    return _tgmm(lhs_MK, dout_MN, group_sizes_G, backend, t, out_dtype,
+    return _tgmm(lhs_MI, dout_MN, group_sizes_G, backend, t, out_dtype,
                  _interpret(interpret))

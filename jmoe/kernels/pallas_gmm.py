@@ -1,15 +1,15 @@
 """Pallas grouped-matmul kernels, lowered through Triton on GPU.
 
-Shapes (dimension letters: M rows, K contraction, N output columns, G groups):
+Shapes (dimension letters: M rows, I contraction (inner), N output columns, G groups):
 
-  gmm:   lhs [M, K], rhs [G, K, N] -> out [M, N],  out[m] = lhs[m] @ rhs[g(m)]
-         transpose_rhs: rhs [G, N, K],              out[m] = lhs[m] @ rhs[g(m)].T
+  gmm:   lhs [M, I], rhs [G, I, N] -> out [M, N],  out[m] = lhs[m] @ rhs[g(m)]
+         transpose_rhs: rhs [G, N, I],              out[m] = lhs[m] @ rhs[g(m)].T
          (the input-gradient form: dlhs = gmm(dout, rhs, transpose_rhs=True))
-  tgmm:  lhs [M, K], dout [M, N] -> out [G, K, N], out[g] = lhs_g.T @ dout_g
+  tgmm:  lhs [M, I], dout [M, N] -> out [G, I, N], out[g] = lhs_g.T @ dout_g
          (the weight gradient)
 
 Tiling (tm, tk, tn): every block edge is a power of two >= 16 (Triton tensors
-are power-of-two shaped and its dots need 16); M, K, N need not be multiples
+are power-of-two shaped and its dots need 16); M, I, N need not be multiples
 of the tiles: partial blocks are handled with masked loads and stores, so no
 operand is ever padded or copied.
 
@@ -17,13 +17,13 @@ gmm grid: (row tile t, column tile j), all programs independent (a GPU runs
 them in parallel, so nothing may be accumulated across grid steps). The
 tile-to-group map (tiles.make_group_metadata) lists, per row tile, the groups
 it touches: tile t loops over visits [tile_visit_start[t], tile_visit_start[t+1]),
-each visit one pass over K with the lhs rows of other groups masked to zero,
+each visit one pass over I with the lhs rows of other groups masked to zero,
 summing into one fp32 accumulator. A tile inside one group (the common case:
 the MoE layer pads groups to multiples of 128 rows) is one pass; a tile that
 straddles b boundaries costs b + 1 passes; a tile past sum(group_sizes) has no
 visits and stores zeros.
 
-tgmm grid: (group g, K tile, N tile). Each program walks the rows of its group
+tgmm grid: (group g, I tile, N tile). Each program walks the rows of its group
 in chunks of tm starting at the group's first row, masking rows past its end,
 and accumulates lhs_chunk.T @ dout_chunk in fp32. An empty group runs zero
 chunks and stores zeros.
@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from jmoe.kernels.tiles import Tiling, group_bounds, make_group_metadata
+from jmoe.vma import struct_like
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -109,8 +110,8 @@ def _gmm_kernel(tile_visit_start_ref, visit_group_ref, group_start_ref,
 
 
 def gmm(
-    lhs_MK: jax.Array,
-    rhs_GKN: jax.Array,
+    lhs_MI: jax.Array,
+    rhs_GIN: jax.Array,
     group_sizes_G: jax.Array,
     *,
     tiling: Tiling,
@@ -120,26 +121,26 @@ def gmm(
 ) -> jax.Array:
     """out[m] = lhs[m] @ rhs[g(m)] (rhs[g(m)].T if transpose_rhs) -> [M, N].
 
-    lhs_MK: [M, K]; rhs_GKN: [G, K, N] or [G, N, K] (transpose_rhs), same
+    lhs_MI: [M, I]; rhs_GIN: [G, I, N] or [G, N, I] (transpose_rhs), same
     dtype as lhs; group_sizes_G: [G] int32. Arguments are validated by
     jmoe.kernels.ops.gmm.
     """
-    m, k = lhs_MK.shape
-    n = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
+    m, k = lhs_MI.shape
+    n = rhs_GIN.shape[1] if transpose_rhs else rhs_GIN.shape[2]
     if m == 0 or n == 0:
         return jnp.zeros((m, n), out_dtype)
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     meta = make_group_metadata(group_sizes_G, m, tm)
     kernel = functools.partial(
         _gmm_kernel, m=m, k=k, n=n, tm=tm, tk=tk, tn=tn,
-        transpose_rhs=transpose_rhs, precision=_precision(lhs_MK.dtype))
+        transpose_rhs=transpose_rhs, precision=_precision(lhs_MI.dtype))
     flops = 2 * m * k * n
-    bytes_accessed = (lhs_MK.size * lhs_MK.dtype.itemsize
-                      + rhs_GKN.size * rhs_GKN.dtype.itemsize
+    bytes_accessed = (lhs_MI.size * lhs_MI.dtype.itemsize
+                      + rhs_GIN.size * rhs_GIN.dtype.itemsize
                       + m * n * jnp.dtype(out_dtype).itemsize)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        out_shape=struct_like((m, n), out_dtype, lhs_MI, rhs_GIN, group_sizes_G),
         grid=(_cdiv(m, tm), _cdiv(n, tn)),
         compiler_params=_compiler_params(tiling, interpret),
         interpret=interpret,
@@ -147,7 +148,7 @@ def gmm(
                                       bytes_accessed=bytes_accessed),
         name="jmoe_gmm_t" if transpose_rhs else "jmoe_gmm",
     )(meta.tile_visit_start, meta.visit_group, meta.group_start,
-      meta.group_end, lhs_MK, rhs_GKN)
+      meta.group_end, lhs_MI, rhs_GIN)
 
 
 def _tgmm_kernel(group_start_ref, group_end_ref, lhs_ref, dout_ref, out_ref, *,
@@ -183,7 +184,7 @@ def _tgmm_kernel(group_start_ref, group_end_ref, lhs_ref, dout_ref, out_ref, *,
 
 
 def tgmm(
-    lhs_MK: jax.Array,
+    lhs_MI: jax.Array,
     dout_MN: jax.Array,
     group_sizes_G: jax.Array,
     *,
@@ -191,11 +192,11 @@ def tgmm(
     out_dtype,
     interpret: bool,
 ) -> jax.Array:
-    """out[g] = lhs[rows of g].T @ dout[rows of g] -> [G, K, N]; empty groups 0.
+    """out[g] = lhs[rows of g].T @ dout[rows of g] -> [G, I, N]; empty groups 0.
 
-    lhs_MK: [M, K]; dout_MN: [M, N], same dtype; group_sizes_G: [G] int32.
+    lhs_MI: [M, I]; dout_MN: [M, N], same dtype; group_sizes_G: [G] int32.
     """
-    m, k = lhs_MK.shape
+    m, k = lhs_MI.shape
     n = dout_MN.shape[1]
     num_groups = group_sizes_G.shape[0]
     if m == 0 or k == 0 or n == 0:
@@ -203,17 +204,17 @@ def tgmm(
     tm, tk, tn = tiling.tm, tiling.tk, tiling.tn
     start, end = group_bounds(group_sizes_G, m)
     kernel = functools.partial(_tgmm_kernel, k=k, n=n, tm=tm, tk=tk, tn=tn,
-                               precision=_precision(lhs_MK.dtype))
+                               precision=_precision(lhs_MI.dtype))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        out_shape=struct_like((num_groups, k, n), out_dtype, lhs_MI, dout_MN, group_sizes_G),
         grid=(num_groups, _cdiv(k, tk), _cdiv(n, tn)),
         compiler_params=_compiler_params(tiling, interpret),
         interpret=interpret,
         cost_estimate=pl.CostEstimate(
             flops=2 * m * k * n, transcendentals=0,
-            bytes_accessed=(lhs_MK.size * lhs_MK.dtype.itemsize
+            bytes_accessed=(lhs_MI.size * lhs_MI.dtype.itemsize
                             + dout_MN.size * dout_MN.dtype.itemsize
                             + num_groups * k * n * jnp.dtype(out_dtype).itemsize)),
         name="jmoe_tgmm",
-    )(start, end, lhs_MK, dout_MN)
+    )(start, end, lhs_MI, dout_MN)

@@ -30,7 +30,7 @@ class Tiling(NamedTuple):
     """Block sizes of a grouped matmul, plus Triton launch parameters.
 
     tm: rows of lhs per tile (the M dimension).
-    tk: contraction block (the K dimension).
+    tk: contraction block (the I dimension).
     tn: output-column block (the N dimension).
     num_warps, num_stages: passed to Triton on GPU; ignored elsewhere.
 
@@ -124,7 +124,7 @@ def dtype_class(dtype) -> str:
 
 
 def default_pallas_tiling(dtype, k: int, n: int) -> Tiling:
-    """Picks the shipped Triton tiling for operands of `dtype`, K=k, N=n."""
+    """Picks the shipped Triton tiling for operands of `dtype`, I=k, N=n."""
     shape_class = "wide" if min(k, n) >= 256 else "narrow"
     return PALLAS_TILINGS[(dtype_class(dtype), shape_class)]
 

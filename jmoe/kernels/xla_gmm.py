@@ -1,12 +1,12 @@
 """Pure-XLA grouped matmul: per group, a few large dots over row chunks.
 
-Shapes: lhs [M, K], rhs [G, K, N] (or [G, N, K] with transpose_rhs),
-group_sizes [G], out [M, N]; tgmm gives [G, K, N].
+Shapes: lhs [M, I], rhs [G, I, N] (or [G, N, I] with transpose_rhs),
+group_sizes [G], out [M, N]; tgmm gives [G, I, N].
 
 Design (chosen by measurement on CPU, see bench/gmm.py): an outer loop over
 groups; for group g, rhs[g] is sliced once, then the group's rows are covered
 by chunks that start at the group's first row, each one dense
-[c, K] x [K, N] dot with fp32 accumulation:
+[c, I] x [I, N] dot with fp32 accumulation:
 
   * as many chunks of `tm` rows as fit (an inner loop with a traced trip
     count), then
@@ -19,7 +19,7 @@ No chunk straddles two groups, so no row is computed twice (with chunks on a
 global tile grid, a skewed routing wastes up to G - 1 extra tiles), every dot
 is large enough for the CPU's GEMM library to run near its peak, the expert
 matrix is copied once per group rather than once per chunk, and tgmm keeps one
-[K, N] fp32 accumulator per group in the loop carry. Groups padded to
+[I, N] fp32 accumulator per group in the loop carry. Groups padded to
 multiples of 128 rows (what the MoE layer does) need no masked chunk. Rows
 past sum(group_sizes) are never touched, so they stay zero.
 
@@ -84,8 +84,8 @@ def _walk_group(ladder, m, start, end, visit_full, visit_masked, carry):
 
 
 def gmm(
-    lhs_MK: jax.Array,
-    rhs_GKN: jax.Array,
+    lhs_MI: jax.Array,
+    rhs_GIN: jax.Array,
     group_sizes_G: jax.Array,
     *,
     tm: int,
@@ -94,25 +94,25 @@ def gmm(
 ) -> jax.Array:
     """out[m] = lhs[m] @ rhs[g(m)] (or rhs[g(m)].T); rows past the groups are 0.
 
-    lhs_MK: [M, K]; rhs_GKN: [G, K, N], or [G, N, K] if transpose_rhs.
+    lhs_MI: [M, I]; rhs_GIN: [G, I, N], or [G, N, I] if transpose_rhs.
     tm: largest chunk (rows per dot). Returns [M, N] in out_dtype.
     """
-    m, _ = lhs_MK.shape
-    n = rhs_GKN.shape[1] if transpose_rhs else rhs_GKN.shape[2]
-    out = varying_like(jnp.zeros((m, n), out_dtype), lhs_MK, rhs_GKN,
+    m, _ = lhs_MI.shape
+    n = rhs_GIN.shape[1] if transpose_rhs else rhs_GIN.shape[2]
+    out = varying_like(jnp.zeros((m, n), out_dtype), lhs_MI, rhs_GIN,
                        group_sizes_G)
     if m == 0 or n == 0:
         return out
     ladder = chunk_ladder(tm, m)
     start_G, end_G = group_bounds(group_sizes_G, m)
-    # Contract lhs dim 1 with rhs dim 0 ([K, N]) or dim 1 ([N, K]).
+    # Contract lhs dim 1 with rhs dim 0 ([I, N]) or dim 1 ([N, I]).
     dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
 
     def group(g, out):
-        w = lax.dynamic_index_in_dim(rhs_GKN, g, axis=0, keepdims=False)
+        w = lax.dynamic_index_in_dim(rhs_GIN, g, axis=0, keepdims=False)
 
         def product(row0, c):
-            x = lax.dynamic_slice_in_dim(lhs_MK, row0, c, axis=0)
+            x = lax.dynamic_slice_in_dim(lhs_MI, row0, c, axis=0)
             return lax.dot_general(
                 x, w, dims, preferred_element_type=jnp.float32).astype(out_dtype)
 
@@ -135,7 +135,7 @@ def gmm(
 
 
 def tgmm(
-    lhs_MK: jax.Array,
+    lhs_MI: jax.Array,
     dout_MN: jax.Array,
     group_sizes_G: jax.Array,
     *,
@@ -144,19 +144,19 @@ def tgmm(
 ) -> jax.Array:
     """out[g] = lhs[rows of g].T @ dout[rows of g]; empty groups give zeros.
 
-    lhs_MK: [M, K]; dout_MN: [M, N]. tm: largest chunk. Returns [G, K, N].
+    lhs_MI: [M, I]; dout_MN: [M, N]. tm: largest chunk. Returns [G, I, N].
     """
-    m, k = lhs_MK.shape
+    m, k = lhs_MI.shape
     n = dout_MN.shape[1]
     num_groups = group_sizes_G.shape[0]
-    out = varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs_MK,
+    out = varying_like(jnp.zeros((num_groups, k, n), out_dtype), lhs_MI,
                        dout_MN, group_sizes_G)
     if m == 0 or k == 0 or n == 0:
         return out
     ladder = chunk_ladder(tm, m)
     start_G, end_G = group_bounds(group_sizes_G, m)
     dims = (((0,), (0,)), ((), ()))
-    acc0 = varying_like(jnp.zeros((k, n), jnp.float32), lhs_MK, dout_MN,
+    acc0 = varying_like(jnp.zeros((k, n), jnp.float32), lhs_MI, dout_MN,
                         group_sizes_G)
 
     def update(acc, x, dy):
@@ -164,12 +164,12 @@ def tgmm(
                                      preferred_element_type=jnp.float32)
 
     def full(acc, row0, c):
-        x = lax.dynamic_slice_in_dim(lhs_MK, row0, c, axis=0)
+        x = lax.dynamic_slice_in_dim(lhs_MI, row0, c, axis=0)
         dy = lax.dynamic_slice_in_dim(dout_MN, row0, c, axis=0)
         return update(acc, x, dy)
 
     def masked(acc, row0, c, keep):
-        x = lax.dynamic_slice_in_dim(lhs_MK, row0, c, axis=0)
+        x = lax.dynamic_slice_in_dim(lhs_MI, row0, c, axis=0)
         dy = lax.dynamic_slice_in_dim(dout_MN, row0, c, axis=0)
         # Zeroing one operand's rows drops them from the sum: the narrower one.
         if k <= n:

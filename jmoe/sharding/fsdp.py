@@ -62,7 +62,7 @@ def weight_spec(shape, mesh) -> P:
     return specs.restrict(spec, mesh.axis_names)
 
 
-def _plan(spec: str, x: jax.Array, w: jax.Array, mesh) -> Optional[tuple[P, int, tuple]]:
+def _ring_layout(spec: str, x: jax.Array, w: jax.Array, mesh) -> Optional[tuple[P, int, tuple]]:
     """(w's spec, its FSDP dimension, token axes), or None where the ring does not apply."""
     w_spec = weight_spec(w.shape, mesh)
     entries = tuple(w_spec)
@@ -105,15 +105,15 @@ def ring_dot(x: jax.Array, w: jax.Array, *, mesh=None) -> jax.Array:
 def ring_applies(spec: str, x: jax.Array, w: jax.Array, *, mesh=None) -> bool:
     """Whether `ring_einsum(spec, x, w)` runs the ring (else it is `jnp.einsum`)."""
     m = ring_mesh(mesh)
-    return m is not None and _plan(spec, x, w, m) is not None
+    return m is not None and _ring_layout(spec, x, w, m) is not None
 
 
 def _ring_or_plain(spec, x, w, mesh, plain):
     m = ring_mesh(mesh)
-    plan = None if m is None else _plan(spec, x, w, m)
-    if plan is None:
+    layout = None if m is None else _ring_layout(spec, x, w, m)
+    if layout is None:
         return plain()
-    w_spec, w_dim, tok = plan
+    w_spec, w_dim, tok = layout
     x_spec = P(tok) if tok else P()
     ring = functools.partial(collective_matmul.all_gather_einsum, spec,
                              axis_name=specs.FSDP_AXIS, w_dim=w_dim)

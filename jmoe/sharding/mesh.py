@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from jmoe.config import FieldError
+
 AXES = ("data", "expert", "tensor")
 
 
@@ -20,38 +22,41 @@ def _get(cfg: Any, name: str, default):
     return getattr(cfg, name, default)
 
 
-def mesh_shape(num_devices: int, data: int = -1, expert: int = 1, tensor: int = 1) -> tuple:
-    """Resolves one `-1` axis and checks the sizes multiply to `num_devices`."""
+def mesh_shape(num_devices: int, data: int = -1, expert: int = 1, tensor: int = 1, *,
+               owner: str = "mesh") -> tuple:
+    """Resolves one `-1` axis and checks the sizes multiply to `num_devices`.
+
+    `owner` names where the sizes were set in error messages (`config.mesh`
+    in the trainer)."""
     sizes = {"data": data, "expert": expert, "tensor": tensor}
     for name, v in sizes.items():
-        if v == 0 or v < -1:
-            raise ValueError(f"mesh.{name}={v} is invalid: use a positive size or -1 (fill).")
+        if not isinstance(v, int) or v == 0 or v < -1:
+            raise FieldError(owner, name, v, "use a positive size or -1 (fill).")
     free = [n for n, v in sizes.items() if v == -1]
     if len(free) > 1:
-        raise ValueError(f"mesh axes {free} are all -1: at most one axis may be -1.")
+        raise ValueError(f"{owner} axes {free} are all -1: at most one axis may be -1.")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if num_devices % fixed:
             raise ValueError(
-                f"mesh: {num_devices} devices do not divide by the fixed axes "
+                f"{owner}: {num_devices} devices do not divide by the fixed axes "
                 f"(product {fixed}) of {sizes}: choose sizes whose product divides "
                 f"{num_devices}.")
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ValueError(
-            f"mesh: data*expert*tensor = {fixed} but there are {num_devices} devices: "
+            f"{owner}: data*expert*tensor = {fixed} but there are {num_devices} devices: "
             "make the product equal the device count, or set one axis to -1.")
     return tuple(sizes[n] for n in AXES)
 
 
 def make_mesh(cfg: Any = None, *, data: Optional[int] = None, expert: Optional[int] = None,
-              tensor: Optional[int] = None, num_experts: Optional[int] = None,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+              tensor: Optional[int] = None,
+              devices: Optional[Sequence[jax.Device]] = None, owner: str = "mesh") -> Mesh:
     """A `Mesh` over all global devices (every process) with axes `AXES`.
 
     `cfg` may be a ConfigDict/dict/object with `data`, `expert`, `tensor`
-    fields; keyword arguments override it. One axis may be -1 (fill). With
-    `num_experts`, also checks that the experts split evenly over `expert`.
+    fields; keyword arguments override it. One axis may be -1 (fill).
     The axes are `Auto`: GSPMD propagates shardings outside jmoe's own
     `shard_map` regions, where the collectives are written out explicitly.
     """
@@ -59,11 +64,7 @@ def make_mesh(cfg: Any = None, *, data: Optional[int] = None, expert: Optional[i
     expert = _get(cfg, "expert", 1) if expert is None else expert
     tensor = _get(cfg, "tensor", 1) if tensor is None else tensor
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(len(devices), data, expert, tensor)
-    if num_experts is not None and num_experts % shape[1]:
-        raise ValueError(
-            f"num_experts={num_experts} does not divide over mesh.expert={shape[1]}: pick an "
-            f"expert axis size that divides {num_experts} (or change num_experts).")
+    shape = mesh_shape(len(devices), data, expert, tensor, owner=owner)
     if devices == list(jax.devices()):
         # Topology-aware order (and multi-process layout) from JAX itself.
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3)

@@ -8,8 +8,9 @@ import jax
 from jax.sharding import NamedSharding
 
 from jmoe.config import MoEConfig
-from jmoe.moe import init_params
+from jmoe.layer import init_params
 from jmoe.sharding import specs
+from jmoe.sharding.checks import check_layer_on_mesh
 
 
 def moe_shardings(cfg: MoEConfig, mesh) -> dict:
@@ -23,7 +24,6 @@ def moe_shardings(cfg: MoEConfig, mesh) -> dict:
 def init_params_sharded(key: jax.Array, cfg: MoEConfig, mesh) -> dict:
     """`init_params` compiled with output shardings: each device creates only
     its own expert slice `[E/ep, D, F/tp]`."""
-    from jmoe.sharding.expert_parallel import check_ep
-    check_ep(cfg, mesh, num_tokens=0)
+    check_layer_on_mesh(cfg, mesh)
     return jax.jit(functools.partial(init_params, cfg=cfg),
                    out_shardings=moe_shardings(cfg, mesh))(key)

@@ -35,10 +35,11 @@ FLAGS = flags.FLAGS
 def build(config):
     """(jitted step, state, batch, tokens per step) for one config on the mesh."""
     from jmoe import model as model_lib
+    from jmoe.sharding import make_mesh
     from jmoe.train import data, loop, mesh as mesh_lib, step as step_lib
 
     gpt = loop.validate_config(config)
-    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, owner="config.mesh")
     loop.validate_mesh(config, gpt, mesh)
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     schedule = step_lib.make_schedule(config.opt, config.total_steps)
@@ -111,6 +112,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from jmoe.sharding.xla_flags import configure_cpu_workarounds
+    from jmoe.runtime.xla_flags import configure_cpu_workarounds
     configure_cpu_workarounds()  # before the first computation
     app.run(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
@@ -32,7 +33,41 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        fail(one_line(str(e)))
+        fail(unknown_override(argv) or one_line(str(e)))
+
+
+def unknown_override(argv: list[str], flag_name: str = "config") -> Optional[str]:
+    """For the first `--config.a.b=...` whose key the config file does not
+    have: which key, and the valid ones at that depth (closest first).
+    None when every override names a field (the error is something else)."""
+    path, keys = None, []
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{flag_name}="):
+            path = arg.split("=", 1)[1]
+        elif arg == f"--{flag_name}" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith(f"--{flag_name}."):
+            keys.append(arg[len(flag_name) + 3:].split("=", 1)[0])
+    if path is None or not keys:
+        return None
+    file, _, variant = path.partition(":")
+    try:
+        config = load_config(file, variant or None)
+    except Exception:  # a broken config file reports its own error
+        return None
+    for key in keys:
+        node, walked = config, []
+        for part in key.split("."):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in fields:
+                where = f"{flag_name}." + ".".join(walked) if walked else flag_name
+                close = difflib.get_close_matches(part, fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                valid = ", ".join(sorted(fields)) if fields else "none: it is not a section"
+                return (f"unknown config field {part!r} in --{flag_name}.{key}{hint}; "
+                        f"fields of {where}: {valid}.")
+            node, walked = node[part], walked + [part]
+    return None
 
 
 def config_file(flag_name: str = "config") -> str:
@@ -74,7 +109,7 @@ def default_workdir(config_arg: str) -> str:
 
 def define_distributed_flags() -> None:
     """Flags of an explicit multi-process launch; under SLURM none are needed."""
-    from jmoe.sharding import distributed as dist
+    from jmoe.runtime import distributed as dist
 
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit "
                         "multi-process launch; SLURM needs no flags).")
@@ -89,7 +124,7 @@ def define_distributed_flags() -> None:
 
 
 def distributed_options() -> dict:
-    """The distributed flags as keyword arguments of `jmoe.sharding.distributed.initialize`."""
+    """The distributed flags as keyword arguments of `jmoe.runtime.distributed.initialize`."""
     f = flags.FLAGS
     return dict(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
                 process_id=f.process_id, local_device_ids=f.local_device_ids,

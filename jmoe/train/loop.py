@@ -16,6 +16,7 @@ Rerunning the same command resumes from the latest checkpoint in `workdir`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,8 +28,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jmoe import model as model_lib
-from jmoe.sharding import distributed as dist
+from jmoe import model as model_lib, model_config
+from jmoe.config import Execution, FieldError
+from jmoe.runtime import distributed as dist
+from jmoe.sharding import make_mesh
+from jmoe.sharding.checks import check_layer_on_mesh
 from jmoe.train import checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, step as step_lib
 
 
@@ -44,9 +48,9 @@ def _fail(field: str, value: Any, fix: str) -> None:
     raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> model_lib.GPTConfig:
+def validate_config(config: ml_collections.ConfigDict) -> model_config.GPTConfig:
     """Every check that needs no devices; returns the model config."""
-    gpt = model_lib.from_config(config.model)
+    gpt = model_config.from_config(config.model, config.get("execution"))
     for f in ("batch_size", "grad_accum_steps", "total_steps", "eval_every", "eval_batches",
               "log_every", "checkpoint_every", "keep_checkpoints"):
         v = config[f]
@@ -81,15 +85,15 @@ def validate_config(config: ml_collections.ConfigDict) -> model_lib.GPTConfig:
     fsdp = config.mesh.get("fsdp", False)
     if not isinstance(fsdp, bool):
         _fail("mesh.fsdp", fsdp, "must be a bool: --config.mesh.fsdp=true or false.")
-    if gpt.fsdp_collective_matmul and not fsdp:
+    if gpt.execution.fsdp_collective_matmul and not fsdp:
         # Without FSDP the weights are replicated: there is nothing to gather.
-        _fail("model.fsdp_collective_matmul", True,
+        _fail("execution.fsdp_collective_matmul", True,
               "it gathers FSDP-sharded weights: set --config.mesh.fsdp=true, or "
-              "--config.model.fsdp_collective_matmul=false.")
+              "--config.execution.fsdp_collective_matmul=false.")
     return gpt
 
 
-def validate_mesh(config, gpt: model_lib.GPTConfig, mesh) -> None:
+def validate_mesh(config, gpt: model_config.GPTConfig, mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["expert"]  # the batch's row shards
     micro = config.batch_size // config.grad_accum_steps
     if micro % shards:
@@ -97,17 +101,11 @@ def validate_mesh(config, gpt: model_lib.GPTConfig, mesh) -> None:
               f"each micro-batch ({micro} rows) must split evenly over the "
               f"{shards} data x expert shards: use a multiple of "
               f"{shards * config.grad_accum_steps}.")
-    if gpt.moe is not None and not gpt.dense and gpt.moe.num_experts % mesh.shape["expert"]:
-        _fail("model.num_experts", gpt.moe.num_experts,
-              f"must be divisible by the expert-parallel size mesh.expert="
-              f"{mesh.shape['expert']}.")
-
-
-# How the model runs, not what it computes: free to change between runs of
-# one workdir (like the mesh).
-EXECUTION_FIELDS = frozenset({
-    "gmm_backend", "a2a_hierarchy", "ragged_impl", "ep_buckets", "overlap_chunks",
-    "collective_matmul", "lancet_chunks", "remat", "fsdp_collective_matmul"})
+    if gpt.moe is not None and not gpt.dense:
+        try:
+            check_layer_on_mesh(gpt.moe, mesh)
+        except FieldError as e:
+            raise e.under("config.execution" if e.owner == "Execution" else "config.model")
 
 
 def _canonical(v):
@@ -116,8 +114,14 @@ def _canonical(v):
 
 
 def _check_same_model(saved: dict, config) -> None:
+    """`config.model` (what the model computes) must match the checkpoint's;
+    `config.execution` and the mesh may change between runs of one workdir."""
     now = config.model.to_dict()
-    for k in sorted((set(saved) | set(now)) - EXECUTION_FIELDS):
+    # Checkpoints written before `config.execution` existed kept its fields
+    # under `config.model`; they never described the model.
+    moved = {f.name for t in (model_config.ModelExecution, Execution) for f in dataclasses.fields(t)}
+    saved = {k: v for k, v in saved.items() if k not in moved or k in now}
+    for k in sorted(set(saved) | set(now)):
         if _canonical(saved.get(k)) != _canonical(now.get(k)):
             raise ValueError(
                 f"config.model.{k}={now.get(k)!r} differs from the checkpoint in this workdir "
@@ -129,7 +133,7 @@ class _Preempted:
 
     With several processes all must stop at the same step (collectives of a
     step only some of them run would deadlock): JAX's preemption service then
-    owns SIGTERM and picks the step (`jmoe.sharding.distributed.stop_everywhere`).
+    owns SIGTERM and picks the step (`jmoe.runtime.distributed.stop_everywhere`).
     """
 
     def __init__(self, start_step: int = 0):
@@ -164,7 +168,7 @@ def maybe_initialize_distributed(**options) -> None:
     """Joins a multi-process job when the environment or `options` describe one.
 
     SLURM (`srun`, several tasks), explicit coordinator/num_processes/process_id
-    and `JAX_COORDINATOR_ADDRESS` launches: see `jmoe.sharding.distributed`.
+    and `JAX_COORDINATOR_ADDRESS` launches: see `jmoe.runtime.distributed`.
     """
     dist.initialize(**options)
 
@@ -173,7 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         distributed: bool | dict = False) -> dict:
     """Trains (or resumes) the model of `config` in `workdir`; returns a summary.
 
-    `distributed=True` (or a dict of `jmoe.sharding.distributed.initialize`
+    `distributed=True` (or a dict of `jmoe.runtime.distributed.initialize`
     options) first joins a multi-process job if the environment or the options
     describe one (SLURM, explicit flags, JAX_COORDINATOR_ADDRESS); train.py
     passes it. Every process runs this same function.
@@ -183,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         gpt = validate_config(config)  # before any device work: errors come first
         if distributed:
             maybe_initialize_distributed(**(distributed if isinstance(distributed, dict) else {}))
-        mesh = mesh_lib.make_mesh(config.mesh)
+        mesh = make_mesh(config.mesh, owner="config.mesh")
         validate_mesh(config, gpt, mesh)
         corpus = data.load_corpus(config.data, gpt.vocab_size)
     except ValueError as e:
@@ -212,9 +216,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         corpus.val, seq_len=seq_len, global_batch=batch, num_batches=config.eval_batches,
         local_rows=rows)]
 
-    counts = model_lib.param_count_formula(gpt)
+    counts = model_config.param_count_formula(gpt)
     tokens_per_step = batch * seq_len
-    flops_per_step = model_lib.flops_per_token(gpt, seq_len) * tokens_per_step
+    flops_per_step = model_config.flops_per_token(gpt, seq_len) * tokens_per_step
     peak = metrics_lib.measure_peak_flops(gpt.dtype)
 
     def make_reporter(start: int) -> metrics_lib.Reporter:

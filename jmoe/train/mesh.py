@@ -18,21 +18,11 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jmoe.sharding import axis_size, make_mesh as _jmoe_make_mesh, specs
+from jmoe.sharding import axis_size, specs
 
 # An expert weight anywhere in the state: the params and every optimizer
 # moment that mirrors them (".../mu/blocks/0/ffn/experts/w_up_EDF/value").
 _EXPERT_LEAF = re.compile(r"(?:^|/)experts/(w_\w+)(?:/|$)")
-
-
-def make_mesh(mesh_cfg: Any, num_experts: int | None = None) -> Mesh:
-    """The mesh of `config.mesh` (data, expert, tensor; one of them may be -1)."""
-    try:
-        return _jmoe_make_mesh(data=mesh_cfg.data, expert=mesh_cfg.expert,
-                               tensor=mesh_cfg.get("tensor", 1), num_experts=num_experts)
-    except ValueError as e:
-        msg = str(e)
-        raise ValueError(msg if msg.startswith("config.") else f"config.{msg}") from e
 
 
 def _path_str(path) -> str:

@@ -21,14 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jmoe import model as model_lib
+from jmoe import model as model_lib, model_config
 from jmoe.train import checkpoint, step as step_lib
 
 
 def load(workdir: str, step: Optional[int] = None):
     """(GPT with restored weights, config, step) from a run directory."""
     step, config = checkpoint.restore_config(workdir, step)
-    gpt = model_lib.from_config(config.model)
+    gpt = model_config.from_config(config.model, config.get("execution"))
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     abstract = jax.eval_shape(step_lib.make_init(gpt, tx, config.seed))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

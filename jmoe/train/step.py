@@ -18,7 +18,8 @@ import optax
 from flax import nnx, struct
 
 from jmoe import routing
-from jmoe.model import GPT, GPTConfig
+from jmoe.model import GPT
+from jmoe.model_config import GPTConfig
 
 
 @struct.dataclass
@@ -129,7 +130,7 @@ def train_step(state: TrainState, batch_BT1: jax.Array, *, graphdef: nnx.GraphDe
         # Row r goes to micro-batch r % a: every device's shard of the batch
         # contributes to every micro-batch, so no device idles in the scan.
         b = batch_BT1.shape[0]
-        micro_ABT1 = jnp.swapaxes(batch_BT1.reshape(b // a, a, -1), 0, 1)
+        micro_UBT1 = jnp.swapaxes(batch_BT1.reshape(b // a, a, -1), 0, 1)
 
         def body(carry, xs):
             i, tokens_BT1 = xs
@@ -137,7 +138,7 @@ def train_step(state: TrainState, batch_BT1: jax.Array, *, graphdef: nnx.GraphDe
             return jax.tree.map(jnp.add, carry, g), (m, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (metrics, aux) = jax.lax.scan(body, zeros, (jnp.arange(a), micro_ABT1))
+        grads, (metrics, aux) = jax.lax.scan(body, zeros, (jnp.arange(a), micro_UBT1))
         grads = jax.tree.map(lambda g: g / a, grads)
         metrics, aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), (metrics, aux))
 

@@ -1,0 +1,178 @@
+"""The MoE layer's core on one set of tokens: route -> permute -> experts ->
+un-permute -> combine, with its parameters and statistics.
+
+Nothing here knows about meshes: the expert step is a function the caller
+plugs in (`moe_core`), so the single-device layer (`local_moe`) and the
+expert-parallel one (`jmoe.sharding.expert_parallel`) share every line of the
+maths. `jmoe.moe` chooses between them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jmoe import dispatch, experts, routing
+from jmoe.config import MoEConfig
+from jmoe.stats import MoEAux, finalize, router_sums
+
+Params = Mapping[str, Any]
+
+
+# ------------------------------------------------------------ parameters ----
+
+def _normal(key, shape, fan_in, dtype):
+    return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+            / math.sqrt(fan_in)).astype(dtype)
+
+
+def init_params(key: jax.Array, cfg: MoEConfig) -> dict:
+    """Parameters of one layer as a nested dict of arrays (see module docstring)."""
+    d, f, e = cfg.d_model, cfg.d_ff, cfg.num_experts
+    dt = jnp.dtype(cfg.param_dtype)
+    keys = iter(jax.random.split(key, 8))
+    expert_w = {"w_up_EDF": _normal(next(keys), (e, d, f), d, dt),
+                "w_down_EFD": _normal(next(keys), (e, f, d), f, dt)}
+    if cfg.activation == "swiglu":
+        expert_w["w_gate_EDF"] = _normal(next(keys), (e, d, f), d, dt)
+    params = {"router": {"w_DE": _normal(next(keys), (d, e), d, dt)}, "experts": expert_w}
+    if cfg.num_shared_experts:
+        fs = cfg.shared_hidden
+        shared = {"w_up_DF": _normal(next(keys), (d, fs), d, dt),
+                  "w_down_FD": _normal(next(keys), (fs, d), fs, dt)}
+        if cfg.activation == "swiglu":
+            shared["w_gate_DF"] = _normal(next(keys), (d, fs), d, dt)
+        if cfg.shared_gate:
+            shared["w_gate_D1"] = _normal(next(keys), (d, 1), d, dt)
+        params["shared"] = shared
+    return params
+
+
+def init_bias(cfg: MoEConfig) -> jax.Array:
+    """The aux-loss-free selection bias, float32 [E] of zeros."""
+    return jnp.zeros((cfg.num_experts,), jnp.float32)
+
+
+# ------------------------------------------------------ functional core ----
+
+def check_call(x: jax.Array, cfg: MoEConfig, bias: Optional[jax.Array]) -> None:
+    """Raises ValueError for an input or a selection bias the layer cannot use."""
+    if x.ndim < 1 or x.shape[-1] != cfg.d_model:
+        raise ValueError(
+            f"MoE input has shape {x.shape} but MoEConfig.d_model={cfg.d_model}: the last "
+            "dimension of x must equal d_model.")
+    if bias is None:
+        return
+    if cfg.router != "sigmoid_topk":
+        raise ValueError(
+            f"bias= was passed but MoEConfig.router={cfg.router!r} has no selection bias "
+            "(only 'sigmoid_topk' uses one): drop bias=, or set router='sigmoid_topk'.")
+    if tuple(bias.shape) != (cfg.num_experts,):
+        raise ValueError(
+            f"bias has shape {tuple(bias.shape)} but MoEConfig.num_experts="
+            f"{cfg.num_experts}: pass a float32 [{cfg.num_experts}] array "
+            "(jmoe.init_bias(cfg) makes one).")
+
+
+def router_input(x_TD: jax.Array, cfg: MoEConfig, train: bool,
+                 rng: Optional[jax.Array]) -> jax.Array:
+    """The router's view of the tokens: jittered when training with `jitter_eps`."""
+    if train and cfg.jitter_eps > 0:
+        if rng is None:
+            raise ValueError("MoEConfig.jitter_eps > 0 needs an `rng` key when train=True: "
+                             "pass rng=... or set jitter_eps=0.")
+        return routing.jitter(x_TD, cfg.jitter_eps, rng)
+    return x_TD
+
+
+def shared_experts(params: Params, x_TD: jax.Array, cfg: MoEConfig) -> jax.Array:
+    """Always-on shared experts (Qwen-MoE / DeepSeek), optionally sigmoid-gated."""
+    with jax.named_scope("shared_experts"):
+        w = params["shared"]
+        y_TD = experts.dense_mlp(x_TD, w, cfg.activation)
+        if cfg.shared_gate:
+            y_TD = y_TD * jax.nn.sigmoid(jnp.dot(x_TD, w["w_gate_D1"].astype(x_TD.dtype)))
+        return y_TD
+
+
+def local_experts_capacity(w: Params, cfg: MoEConfig):
+    """Experts on `[E, C, D]` buffers held by this device."""
+    return lambda buf_ECD: experts.batched_mlp(buf_ECD, w, cfg.activation)
+
+
+def local_experts_dropless(w: Params, cfg: MoEConfig):
+    """Experts on rows grouped by expert; drops nothing."""
+    def run(buf_RD, group_sizes_E):
+        y_RD = experts.grouped_mlp(buf_RD, w, group_sizes_E, cfg.activation, cfg.execution.gmm_backend)
+        return y_RD, jnp.zeros((), jnp.int32)
+    return run
+
+
+def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
+             bias_E: Optional[jax.Array], capacity_experts, dropless_experts,
+             dropless_align: int):
+    """Route -> plan -> permute -> experts -> un-permute -> combine, on flat tokens.
+
+    The expert step is pluggable so the same code runs on one device and
+    inside the expert-parallel `shard_map` (where it includes the all-to-alls):
+      capacity_experts(buf_ECD) -> y_ECD, or None to run capacity routing on
+        packed rows through `dropless_experts` (one device: no empty slots);
+      dropless_experts(buf_RD, group_sizes_E) -> (y_RD, extra_dropped).
+    Returns (out_TD, `RouterSums` of these tokens, dropped count included).
+    """
+    t = x_TD.shape[0]
+    with jax.named_scope("route"):
+        r = routing.route(routing.router_logits(xr_TD, w_DE), cfg, bias_E)
+    if isinstance(r, routing.ExpertChoice):
+        with jax.named_scope("permute"):
+            buf_ECD = dispatch.expert_choice_gather(x_TD, r.tokens_EC)
+        with jax.named_scope("experts"):
+            y_ECD = capacity_experts(buf_ECD)
+        with jax.named_scope("unpermute"):
+            out_TD = dispatch.expert_choice_combine(y_ECD, r.weights_EC.astype(jnp.float32),
+                                                    r.tokens_EC, t)
+        return out_TD, router_sums(r, cfg.num_experts, untouched_tokens(r.tokens_EC, t))
+    e = cfg.num_experts
+    # Capacity without an all-to-all (capacity_experts=None) packs the kept
+    # rows like dropless, so no expert computes empty slots.
+    packed = cfg.dispatch == "dropless" or capacity_experts is None
+    with jax.named_scope("plan"):
+        if cfg.dispatch == "capacity":
+            perm = dispatch.capacity_permutation(r.experts_TK, r.weights_TK, e, cfg.capacity(t),
+                                          cfg.drop_policy, packed_align=dropless_align if packed else 0)
+        else:
+            perm = dispatch.dropless_permutation(r.experts_TK, e, dropless_align)
+    with jax.named_scope("permute"):
+        buf_RD = dispatch.permute(x_TD, perm.slot_TK, perm.src_R)
+    with jax.named_scope("experts"):
+        if not packed:
+            y_RD = capacity_experts(buf_RD.reshape(e, -1, x_TD.shape[1])).reshape(buf_RD.shape)
+            dropped = perm.dropped
+        else:
+            y_RD, extra = dropless_experts(buf_RD, perm.group_sizes_E)
+            dropped = perm.dropped + extra
+    with jax.named_scope("unpermute"):
+        out_TD = dispatch.unpermute(y_RD, r.weights_TK, perm.slot_TK, perm.src_R)
+    return out_TD, router_sums(r, cfg.num_experts, dropped)
+
+
+def local_moe(params: Params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig,
+              bias_E: Optional[jax.Array]) -> tuple[jax.Array, MoEAux]:
+    """Single-device layer on flat tokens: [T, D] -> ([T, D], MoEAux)."""
+    w = params["experts"]
+    # Expert choice fills exactly C slots per expert: the dense [E, C] layout.
+    cap = local_experts_capacity(w, cfg) if cfg.router == "expert_choice" else None
+    out_TD, sums = moe_core(x_TD, xr_TD, params["router"]["w_DE"], cfg, bias_E, cap,
+                            local_experts_dropless(w, cfg), cfg.group_align)
+    return out_TD, finalize(sums, cfg.router == "expert_choice")
+
+
+def untouched_tokens(tokens_EC: jax.Array, num_tokens: int) -> jax.Array:
+    """Expert choice: how many of the tokens no expert took (int32 [])."""
+    taken_T = jnp.zeros((num_tokens,), jnp.int32).at[tokens_EC.reshape(-1)].max(1)
+    return num_tokens - jnp.sum(taken_T)
+
+
