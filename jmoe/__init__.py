@@ -14,7 +14,8 @@ partition specs (a tensor carries its shape in its name: `x_BTD`, `w_EDF`).
   I contraction (inner) width of a grouped matmul
   N output columns of a grouped matmul
   P peer devices on the `expert` mesh axis
-  S rows of one peer's slot in a padded exchange
+  S physical expert slots of one device (a placement; experts plus replicas)
+  Y replicas of one expert          Z rows of one peer's buffer in a padded exchange
   L layers                         W logged steps (metrics over time)
   U micro-batches of one optimizer step (gradient accumulation)
   1 after T: the T+1 tokens of a training row (inputs and next-token targets)

@@ -266,9 +266,13 @@ class MoEConfig:
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 _fail(name, getattr(self, name), "choose float32, bfloat16 or float16.")
 
-    def capacity(self, num_tokens: int) -> int:
-        """Slots per expert for `num_tokens` tokens (a static Python int)."""
-        c = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+    def capacity(self, num_tokens: int, num_groups: int = 0) -> int:
+        """Slots per expert for `num_tokens` tokens (a static Python int).
+
+        `num_groups`: the buffers the assignments spread over when that is not
+        `num_experts` (a placement's physical slots, experts plus replicas)."""
+        c = math.ceil(self.capacity_factor * num_tokens * self.top_k
+                      / (num_groups or self.num_experts))
         return max(c, self.min_capacity, 1)
 
     def recv_buffer_rows(self, local_assignments: int, ep: int) -> int:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jmoe import dispatch, experts, routing
 from jmoe.config import MoEConfig
+from jmoe.placement import PlacementArrays, replica_slot
 from jmoe.stats import MoEAux, finalize, router_sums
 
 Params = Mapping[str, Any]
@@ -113,7 +114,7 @@ def local_experts_dropless(w: Params, cfg: MoEConfig):
 
 def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
              bias_E: Optional[jax.Array], capacity_experts, dropless_experts,
-             dropless_align: int):
+             dropless_align: int, placement: Optional[PlacementArrays] = None):
     """Route -> plan -> permute -> experts -> un-permute -> combine, on flat tokens.
 
     The expert step is pluggable so the same code runs on one device and
@@ -121,6 +122,9 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
       capacity_experts(buf_ECD) -> y_ECD, or None to run capacity routing on
         packed rows through `dropless_experts` (one device: no empty slots);
       dropless_experts(buf_RD, group_sizes_E) -> (y_RD, extra_dropped).
+    With a `placement`, the groups are its P*S physical slots instead of the E
+    experts: each assignment goes to one replica of its expert (the split of
+    `jmoe.placement`), and the expert step runs the slots' weights.
     Returns (out_TD, `RouterSums` of these tokens, dropped count included).
     """
     t = x_TD.shape[0]
@@ -136,15 +140,21 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
                                                     r.tokens_EC, t)
         return out_TD, router_sums(r, cfg.num_experts, untouched_tokens(r.tokens_EC, t))
     e = cfg.num_experts
+    groups_TK = r.experts_TK
+    if placement is not None:
+        with jax.named_scope("place"):
+            groups_TK = place_assignments(r.experts_TK, placement)
+            e = placement.slot_expert_PS.size
     # Capacity without an all-to-all (capacity_experts=None) packs the kept
     # rows like dropless, so no expert computes empty slots.
     packed = cfg.dispatch == "dropless" or capacity_experts is None
     with jax.named_scope("plan"):
         if cfg.dispatch == "capacity":
-            perm = dispatch.capacity_permutation(r.experts_TK, r.weights_TK, e, cfg.capacity(t),
-                                          cfg.drop_policy, packed_align=dropless_align if packed else 0)
+            perm = dispatch.capacity_permutation(
+                groups_TK, r.weights_TK, e, cfg.capacity(t, e), cfg.drop_policy,
+                packed_align=dropless_align if packed else 0)
         else:
-            perm = dispatch.dropless_permutation(r.experts_TK, e, dropless_align)
+            perm = dispatch.dropless_permutation(groups_TK, e, dropless_align)
     with jax.named_scope("permute"):
         buf_RD = dispatch.permute(x_TD, perm.slot_TK, perm.src_R)
     with jax.named_scope("experts"):
@@ -159,14 +169,52 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     return out_TD, router_sums(r, cfg.num_experts, dropped)
 
 
+def place_assignments(experts_TK: jax.Array, placement: PlacementArrays) -> jax.Array:
+    """int32 [T, K] physical slot of each assignment: the r-th assignment (in
+    token-major order) of expert e, of the n it has here, goes to the replica
+    whose share of ranks holds r (`jmoe.placement.replica_slot`)."""
+    e = placement.replica_slot_EY.shape[0]
+    expert_A = experts_TK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)
+    sorted_A = expert_A[order_A]
+    a = jnp.arange(expert_A.shape[0], dtype=jnp.int32)
+    start_A = jnp.searchsorted(sorted_A, sorted_A, side="left").astype(jnp.int32)
+    rank_A = jnp.zeros_like(a).at[order_A].set(a - start_A)
+    count_E = jnp.zeros((e,), jnp.int32).at[expert_A].add(1)
+    return replica_slot(placement, expert_A, rank_A, count_E).reshape(experts_TK.shape)
+
+
+def slot_weights(w: Params, placement: PlacementArrays) -> dict:
+    """Expert weights [E, ...] -> the placement's slots [P*S, ...]. A gather:
+    its transpose sums a replicated expert's slot gradients into one."""
+    idx_S = placement.slot_expert_PS.reshape(-1)
+    return {k: jnp.take(v, idx_S, axis=0) for k, v in w.items()}
+
+
+def check_placement(cfg: MoEConfig, placement: Optional[PlacementArrays]) -> None:
+    if placement is None:
+        return
+    if cfg.router == "expert_choice":
+        raise ValueError("placement= needs token-choice routing: expert_choice fills a fixed "
+                         "capacity per expert; drop placement= or change MoEConfig.router.")
+    if placement.replica_slot_EY.shape[0] != cfg.num_experts:
+        raise ValueError(
+            f"placement is for {placement.replica_slot_EY.shape[0]} experts but "
+            f"MoEConfig.num_experts={cfg.num_experts}: build it with "
+            f"jmoe.placement.balance(load_E, ...) for this layer.")
+
+
 def local_moe(params: Params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig,
-              bias_E: Optional[jax.Array]) -> tuple[jax.Array, MoEAux]:
+              bias_E: Optional[jax.Array],
+              placement: Optional[PlacementArrays] = None) -> tuple[jax.Array, MoEAux]:
     """Single-device layer on flat tokens: [T, D] -> ([T, D], MoEAux)."""
     w = params["experts"]
+    if placement is not None:
+        w = slot_weights(w, placement)
     # Expert choice fills exactly C slots per expert: the dense [E, C] layout.
     cap = local_experts_capacity(w, cfg) if cfg.router == "expert_choice" else None
     out_TD, sums = moe_core(x_TD, xr_TD, params["router"]["w_DE"], cfg, bias_E, cap,
-                            local_experts_dropless(w, cfg), cfg.group_align)
+                            local_experts_dropless(w, cfg), cfg.group_align, placement)
     return out_TD, finalize(sums, cfg.router == "expert_choice")
 
 

@@ -19,8 +19,9 @@ from flax import nnx
 
 from jmoe import routing
 from jmoe.config import MoEConfig
-from jmoe.layer import (Params, check_call, init_bias, init_params, local_moe, router_input,
-                        shared_experts)
+from jmoe.layer import (Params, check_call, check_placement, init_bias, init_params, local_moe,
+                        router_input, shared_experts)
+from jmoe.placement import PlacementArrays
 from jmoe.sharding import expert_parallel
 from jmoe.stats import MoEAux
 
@@ -29,7 +30,8 @@ __all__ = ["MoE", "MoEAux", "RouterBias", "init_bias", "init_params", "moe_apply
 
 def moe_apply(params: Params, x: jax.Array, cfg: MoEConfig, *,
               bias: Optional[jax.Array] = None, train: bool = False,
-              rng: Optional[jax.Array] = None, mesh: Optional[jax.sharding.Mesh] = None):
+              rng: Optional[jax.Array] = None, mesh: Optional[jax.sharding.Mesh] = None,
+              placement: Optional[PlacementArrays] = None):
     """Applies the MoE layer to `x[..., D]`; returns `(y[..., D], MoEAux)`.
 
     Args:
@@ -40,15 +42,22 @@ def moe_apply(params: Params, x: jax.Array, cfg: MoEConfig, *,
       train: enables router jitter (needs `rng`).
       mesh: a mesh with an `expert` axis of size > 1 runs the layer expert-
         parallel; by default the mesh of the enclosing `jax.set_mesh` (if any).
+      placement: where experts run (`jmoe.placement.Placement(...).as_arrays()`):
+        P*S physical slots holding the E experts plus redundant replicas, P the
+        expert axis size. Data, not shapes: another placement of the same
+        sizes does not recompile. Changes where work runs, never the result
+        (except that capacity dispatch sizes its buffers per slot).
     """
     check_call(x, cfg, bias)
+    check_placement(cfg, placement)
     x_TD = x.reshape(-1, cfg.d_model).astype(jnp.dtype(cfg.dtype))
     xr_TD = router_input(x_TD, cfg, train, rng)
     ep_mesh = expert_parallel.active_expert_mesh(mesh)
     if ep_mesh is not None:
-        y_TD, aux = expert_parallel.moe_apply_ep(params, x_TD, xr_TD, cfg, ep_mesh, bias)
+        y_TD, aux = expert_parallel.moe_apply_ep(params, x_TD, xr_TD, cfg, ep_mesh, bias,
+                                                 placement)
     else:
-        y_TD, aux = local_moe(params, x_TD, xr_TD, cfg, bias)
+        y_TD, aux = local_moe(params, x_TD, xr_TD, cfg, bias, placement)
     if cfg.num_shared_experts:
         y_TD = y_TD + shared_experts(params, x_TD, cfg)
     return y_TD.reshape(x.shape).astype(x.dtype), aux

@@ -13,6 +13,7 @@ from typing import Optional
 import jax
 
 from jmoe.config import GPU_PLATFORMS, FieldError, MoEConfig, resolve_gmm_backend
+from jmoe.placement import PlacementArrays
 from jmoe.sharding.mesh import axis_size
 
 
@@ -25,10 +26,16 @@ def check_experts_divide(num_experts: int, ep: int) -> None:
             f"axis size that divides {num_experts}, or change num_experts.")
 
 
-def check_layer_on_mesh(cfg: MoEConfig, mesh, num_tokens: Optional[int] = None) -> None:
-    """Raises ValueError for a layer (and token count) the mesh cannot run."""
+def check_layer_on_mesh(cfg: MoEConfig, mesh, num_tokens: Optional[int] = None,
+                        placement: Optional[PlacementArrays] = None) -> None:
+    """Raises ValueError for a layer (and token count, placement) the mesh cannot run."""
     ep, tp = axis_size(mesh, "expert"), axis_size(mesh, "tensor")
-    check_experts_divide(cfg.num_experts, ep)
+    if placement is None:
+        check_experts_divide(cfg.num_experts, ep)
+    elif placement.slot_expert_PS.shape[0] != ep:
+        raise ValueError(
+            f"placement has {placement.slot_expert_PS.shape[0]} devices of slots but the mesh's "
+            f"expert axis has {ep}: build the placement for ep={ep}.")
     shards = axis_size(mesh, "data") * ep
     if num_tokens is not None and num_tokens % shards:
         raise ValueError(

@@ -6,7 +6,7 @@
 `lax.ragged_all_to_all` (GPU, TPU) or `ragged_all_to_all_dense`, a padded
 dense emulation with identical results (XLA:CPU has no ragged all-to-all).
 
-Shapes: P peers on the `expert` axis, S rows of one peer's slot.
+Shapes: P peers on the `expert` axis, Z rows of one peer's buffer.
 """
 
 from __future__ import annotations
@@ -61,17 +61,17 @@ def ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_o
     """
     n = operand.shape[0] if slot_rows is None else slot_rows
     rows = jnp.arange(n, dtype=jnp.int32)
-    valid_PS = rows[None, :] < send_sizes[:, None]
+    valid_PZ = rows[None, :] < send_sizes[:, None]
     src_end = operand.shape[0]
-    idx_PS = jnp.where(valid_PS, input_offsets[:, None] + rows[None, :], src_end)
+    idx_PZ = jnp.where(valid_PZ, input_offsets[:, None] + rows[None, :], src_end)
     padded = jnp.concatenate([operand, jnp.zeros((1,) + operand.shape[1:], operand.dtype)])
-    send = padded[idx_PS]                                       # [ep, n, ...]
+    send = padded[idx_PZ]                                       # [ep, n, ...]
     recv = all_to_all(send.reshape((ep * n,) + operand.shape[1:]), ep, hierarchy)
     # Where each source wants its slice placed in our output (sender's view).
     dest_off = all_to_all(output_offsets, ep, hierarchy)
-    ok_PS = rows[None, :] < recv_sizes[:, None]
-    dest_PS = jnp.where(ok_PS, dest_off[:, None] + rows[None, :], output.shape[0])
-    return output.at[dest_PS.reshape(-1)].set(recv, mode="drop")
+    ok_PZ = rows[None, :] < recv_sizes[:, None]
+    dest_PZ = jnp.where(ok_PZ, dest_off[:, None] + rows[None, :], output.shape[0])
+    return output.at[dest_PZ.reshape(-1)].set(recv, mode="drop")
 
 
 def ragged_all_to_all(ex: Execution, ep: int, *args, slot_rows: Optional[int] = None):

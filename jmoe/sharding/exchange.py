@@ -72,7 +72,7 @@ def dropless_exchange(buf_AD, counts_E, w, cfg: MoEConfig, ep: int, tp: bool,
     comes from a max over `mesh_axes`); the worst-case (or capped) buffer is
     the last branch. The branches compute the same result.
     """
-    e_local = cfg.num_experts // ep
+    e_local = counts_E.shape[0] // ep  # experts (or placement slots) per device
     num_a = buf_AD.shape[0]
     h = cfg.execution.a2a_hierarchy
     send_counts_PE = counts_E.reshape(ep, e_local).astype(jnp.int32)
@@ -131,7 +131,7 @@ def _exchange_and_run(buf_AD, w, cfg: MoEConfig, ep: int, tp: bool, sizes: "Exch
     """Dispatch exchange into a `rows`-row receive buffer, the local experts,
     and the combine exchange back (no slice longer than `slot` rows).
     Returns y_AD."""
-    e_local = cfg.num_experts // ep
+    e_local = sizes.recv_counts_PE.shape[1]
     h = cfg.execution.a2a_hierarchy
     recv_counts_PE, recv_sizes_P, send_sizes_P = (sizes.recv_counts_PE, sizes.recv_sizes_P,
                                                   sizes.send_sizes_P)

@@ -20,7 +20,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jmoe.config import MoEConfig
-from jmoe.layer import moe_core
+from jmoe.layer import moe_core, slot_weights
+from jmoe.placement import PlacementArrays
 from jmoe.sharding import specs
 from jmoe.sharding.checks import check_layer_on_mesh
 from jmoe.sharding.exchange import capacity_exchange, dropless_exchange
@@ -51,11 +52,16 @@ def active_expert_mesh(mesh=None):
 
 
 def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh,
-                 bias_E: Optional[jax.Array]):
+                 bias_E: Optional[jax.Array], placement: Optional[PlacementArrays] = None):
     """The MoE layer over `mesh`: [T, D] -> ([T, D], MoEAux); equals `jmoe.layer.local_moe`
     on one device (the capacity path computes C per token shard, like GShard's
-    groups, so it matches when no shard overflows)."""
-    check_layer_on_mesh(cfg, mesh, x_TD.shape[0])
+    groups, so it matches when no shard overflows).
+
+    With a `placement`, device p runs the experts of its S slots: the expert
+    weights are gathered into slot order (an all-gather of the replicated and
+    moved experts, paid on every call; its transpose sums each replica's
+    gradient into its expert) and the exchange sends every row to its slot."""
+    check_layer_on_mesh(cfg, mesh, x_TD.shape[0], placement)
     names = mesh.axis_names
     ep = axis_size(mesh, "expert")
     # Axes of size 1 are left out of the specs: values are then invariant
@@ -67,6 +73,8 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
     tok = tuple(a for a in specs.TOKEN_AXES if a in names)
     tok_spec = P(tok, None) if tok else P()
     w_exp = params["experts"]
+    if placement is not None:
+        w_exp = slot_weights(w_exp, placement)
     w_specs = {k: specs.restrict(specs.EXPERT_SPECS[k], names) for k in w_exp}
     if bias_E is None:
         bias_E = jnp.zeros((cfg.num_experts,), jnp.float32)
@@ -79,7 +87,7 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
                 buf, counts, w, cfg, ep, tp, names),
             # Rows are sorted per global expert before the exchange; the
             # receiving side pads to `group_align` when it regroups them.
-            dropless_align=1)
+            dropless_align=1, placement=placement)
 
     def body(x, xr, w_DE, bias, w):
         if cfg.dispatch == "dropless" and cfg.execution.overlap_chunks > 1:
