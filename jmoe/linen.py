@@ -17,17 +17,19 @@ import flax.linen as nn
 import jax
 
 from jmoe.config import MoEConfig
-from jmoe.moe import selection_bias, init_bias, init_params, moe_apply
+from jmoe.moe import init_bias, init_params, moe_apply, selection_bias
+from jmoe.placement import PlacementArrays
 
 
 class MoE(nn.Module):
     cfg: MoEConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False, rng: Optional[jax.Array] = None):
+    def __call__(self, x: jax.Array, *, train: bool = False, rng: Optional[jax.Array] = None,
+                 placement: Optional[PlacementArrays] = None):
         # One key makes the whole parameter tree so Linen, NNX and plain JAX
         # initialise identically from the same seed.
         params = self.param("moe", lambda key: init_params(key, self.cfg))
         bias = self.variable("router_bias", "bias", lambda: init_bias(self.cfg))
-        return moe_apply(params, x, self.cfg, bias=selection_bias(self.cfg, bias.value), train=train,
-                         rng=rng)
+        return moe_apply(params, x, self.cfg, bias=selection_bias(self.cfg, bias.value),
+                         train=train, rng=rng, placement=placement)

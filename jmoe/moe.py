@@ -114,10 +114,12 @@ class MoE(nnx.Module):
         return p
 
     def __call__(self, x: jax.Array, *, train: bool = False, rng: Optional[jax.Array] = None,
-                 mesh: Optional[jax.sharding.Mesh] = None):
+                 mesh: Optional[jax.sharding.Mesh] = None,
+                 placement: Optional[PlacementArrays] = None):
+        """`moe_apply` with this module's weights and bias (same arguments)."""
         bias = selection_bias(self.cfg, self.router.bias[...])
         return moe_apply(self.params_dict(), x, self.cfg, bias=bias,
-                         train=train, rng=rng, mesh=mesh)
+                         train=train, rng=rng, mesh=mesh, placement=placement)
 
     def update_bias(self, aux: MoEAux) -> None:
         """Aux-loss-free balancing step from the loads in `aux` (outside the optimizer)."""

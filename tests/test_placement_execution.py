@@ -169,3 +169,28 @@ def test_bad_placements_raise_before_compile():
     with pytest.raises(ValueError, match="token-choice routing"):
         jmoe.moe_apply(jmoe.init_params(jax.random.key(0), ec), x, ec,
                        placement=balance(LOAD, 4, 3).as_arrays())
+
+
+def test_the_nnx_and_linen_modules_take_a_placement():
+    """Both modules pass `placement=` through (same result, the slot
+    weights' gradient reaching the module's own expert weights)."""
+    import flax.linen as nn  # noqa: F401  (the Linen adapter's framework)
+    from flax import nnx
+
+    cfg = _cfg(dispatch="dropless", router="softmax_topk")
+    x = jax.random.normal(jax.random.key(1), (32, D))
+    arrays = balance(LOAD, 2, 5).as_arrays()
+    layer = jmoe.MoE(cfg, rngs=nnx.Rngs(params=0))
+    loss = lambda m, a: jnp.sum(m(x, placement=a)[0] ** 2)
+    g0 = nnx.grad(lambda m: loss(m, None))(layer)
+    g1 = nnx.grad(lambda m: loss(m, arrays))(layer)
+    _close(nnx.state(g1, nnx.Param), nnx.state(g0, nnx.Param))
+    lin = jmoe.linen.MoE(cfg)
+    variables = lin.init(jax.random.key(0), x)
+    _close(lin.apply(variables, x, placement=arrays)[0], lin.apply(variables, x)[0])
+    # The placement reaches the layer: one for other experts is refused.
+    wrong = pl.Placement.static(4, 2).as_arrays()
+    with pytest.raises(ValueError, match="placement is for 4 experts"):
+        layer(x, placement=wrong)
+    with pytest.raises(ValueError, match="placement is for 4 experts"):
+        lin.apply(variables, x, placement=wrong)
