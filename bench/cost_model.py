@@ -23,26 +23,16 @@ Target (issue 7): |predicted / measured - 1| <= 30% on every row.
 
 from __future__ import annotations
 
-import os
+import time
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import harness  # first: puts this checkout ahead of an installed jmoe
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+harness.setup(host_devices=8, platforms="cpu")
 import jmoe  # noqa: E402
-from jmoe.runtime.xla_flags import configure_cpu_workarounds  # noqa: E402
-
-configure_cpu_workarounds()  # before the first computation
 from jmoe.planner import calibrate, hardware, layer_cost  # noqa: E402
 from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
 
@@ -74,18 +64,14 @@ def layer_fn(cfg, mesh):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", type=str, default=None, help="write the results here")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="small shapes, 3 repeats")
+    p = harness.parser(__doc__, repeats=7, quick={"repeats": 3})
     p.add_argument("--activation", default="swiglu")
     p.add_argument("--rows", type=str, default="", help="comma list of row indices to run")
     a = p.parse_args(argv)
     rows = QUICK_ROWS if a.quick else FULL_ROWS
     if a.rows:
         rows = [rows[int(i)] for i in a.rows.split(",")]
-    repeats = 3 if a.quick else a.repeats
+    repeats = a.repeats
 
     t0 = time.perf_counter()
     cal = calibrate.CpuCalibrator(8)
@@ -159,27 +145,22 @@ def main(argv=None):
               f"ratio {pred / meas:5.2f}  (start-calibrated {pred0 / meas:5.2f}; cpu-time "
               f"{pred_cpu / meas_cpu:5.2f})", flush=True)
 
-    print("\n| T | D | F | E | dispatch | chunks | mesh | measured ms | predicted ms | "
-          "pred/meas | within 30% | CPU-time pred/meas |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        ok = abs(r["error"]) <= 0.30
-        print(f"| {r['tokens']} | {r['d_model']} | {r['d_ff']} | {r['experts']} | "
-              f"{r['dispatch']} | {r['overlap_chunks']} | {r['mesh_data']}x{r['mesh_expert']} | "
-              f"{r['measured_s'] * 1e3:.1f} | {r['predicted_s'] * 1e3:.1f} | "
-              f"{r['ratio']:.2f} | {'yes' if ok else 'NO'} | {r['ratio_cpu']:.2f} |")
+    harness.print_markdown(
+        ["T", "D", "F", "E", "dispatch", "chunks", "mesh", "measured ms", "predicted ms",
+         "pred/meas", "within 30%", "CPU-time pred/meas"],
+        [[r["tokens"], r["d_model"], r["d_ff"], r["experts"], r["dispatch"],
+          r["overlap_chunks"], f"{r['mesh_data']}x{r['mesh_expert']}",
+          f"{r['measured_s'] * 1e3:.1f}", f"{r['predicted_s'] * 1e3:.1f}", f"{r['ratio']:.2f}",
+          "yes" if abs(r["error"]) <= 0.30 else "NO", f"{r['ratio_cpu']:.2f}"]
+         for r in results])
     worst = max(abs(r["error"]) for r in results)
     n_ok = sum(abs(r["error"]) <= 0.30 for r in results)
     print(f"\n{n_ok}/{len(results)} rows within 30%; worst |error| {worst:.0%}; "
           f"total {time.perf_counter() - t0:.0f}s")
     out = {"platform": jax.default_backend(), "jax": jax.__version__, "devices": 8,
            "repeats": repeats, "calibration_at_start": start, "rows": results,
-           "rows_within_30pct": n_ok, "worst_abs_error": worst}
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)) or ".", exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=2)
-        print(f"wrote {a.json}")
+           "rows_within_30pct": n_ok, "worst_abs_error": worst, **harness.machine_info()}
+    harness.write_json(a.json, out)
     return out
 
 
