@@ -21,6 +21,7 @@ import jmoe
 from jmoe import routing
 from jmoe.sharding import make_mesh
 from cfg_helpers import moe_config
+from checks import assert_tree_close
 
 D, F, E, K, T = 16, 32, 8, 2, 64
 
@@ -98,16 +99,6 @@ def _layer(cfg, mesh, params, x, ct):
         return run(params, x, ct)
 
 
-def _assert_close(got, want, rtol=1e-5):
-    """Equal to `rtol` relative to each leaf's largest entry."""
-    lg, lw = jax.tree.leaves(got), jax.tree.leaves(want)
-    assert len(lg) == len(lw)
-    for g, w in zip(lg, lw):
-        w = np.asarray(w)
-        np.testing.assert_allclose(np.asarray(g), w, rtol=rtol,
-                                   atol=rtol * float(np.max(np.abs(w))) + 1e-7)
-
-
 def _inputs(seed=0):
     params = jmoe.init_params(jax.random.key(seed), _cfg())
     x = jax.random.normal(jax.random.key(seed + 1), (T, D))
@@ -126,8 +117,8 @@ def _check(cfg, mesh, shards, cap):
     # Drops are large and counted exactly: the test is about overflowing shards.
     assert dropped > 0.15 * T * K, dropped
     assert float(aux.dropped_fraction) == pytest.approx(dropped / (T * K), rel=1e-6)
-    _assert_close(y, y_ref)
-    _assert_close(grads, grads_ref)
+    assert_tree_close(y, y_ref)
+    assert_tree_close(grads, grads_ref)
     return aux
 
 

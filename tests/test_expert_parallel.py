@@ -10,8 +10,9 @@ from jax.sharding import PartitionSpec as P
 
 import jmoe
 from cfg_helpers import moe_config, with_execution
-from jmoe.sharding import collectives, exchange, init_params_sharded, make_mesh
+from jmoe.sharding import collectives, init_params_sharded, make_mesh
 
+from checks import assert_tree_close, record_exchange_buffers
 from hlo_checks import collective_groups, single_device_collectives
 
 D, F, E, T = 16, 32, 8, 64
@@ -34,17 +35,6 @@ def _fwd_bwd(cfg, params, x, ct, mesh):
     return run(params, x, ct)
 
 
-def _assert_tree_close(a, b, rtol=1e-5):
-    """Equal to `rtol` relative to each leaf's largest entry (sums over shards
-    run in another order, so single elements near zero differ in the last bits)."""
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb)
-    for u, v in zip(la, lb):
-        v = np.asarray(v)
-        scale = float(np.max(np.abs(v))) if v.size else 0.0
-        np.testing.assert_allclose(np.asarray(u), v, rtol=rtol, atol=rtol * scale + 1e-7)
-
-
 _REFERENCE = {}
 MESHES = [(8, 1, 0), (4, 2, 0), (2, 4, 0), (2, 4, 2), (1, 8, 0), (1, 8, 2), (1, 8, 4)]
 
@@ -62,7 +52,7 @@ def test_expert_parallel_equals_single_device(dispatch, data, expert, hierarchy)
     ref = _REFERENCE[dispatch]
     mesh = make_mesh(data=data, expert=expert)
     got = _fwd_bwd(cfg, params, x, ct, mesh=mesh)
-    _assert_tree_close(got, ref)
+    assert_tree_close(got, ref)
 
 
 def test_aux_statistics_are_global():
@@ -72,7 +62,7 @@ def test_aux_statistics_are_global():
     _, aux1 = jmoe.moe_apply(params, x, cfg)
     _, aux8 = jax.jit(lambda p, x: jmoe.moe_apply(p, x, cfg, mesh=make_mesh(data=1, expert=8)))(
         params, x)
-    _assert_tree_close((aux1.load_balance_loss, aux1.z_loss, aux1.router_entropy,
+    assert_tree_close((aux1.load_balance_loss, aux1.z_loss, aux1.router_entropy,
                         aux1.expert_load),
                        (aux8.load_balance_loss, aux8.z_loss, aux8.router_entropy,
                         aux8.expert_load))
@@ -99,7 +89,7 @@ def test_dropless_everything_to_one_expert_drops_nothing(hierarchy):
     assert float(aux8.dropped_fraction) == 0.0
     # Counting: every token's contribution is present (none is zero).
     assert np.all(np.abs(np.asarray(y8)).sum(-1) > 0)
-    _assert_tree_close(y8, y1)
+    assert_tree_close(y8, y1)
 
 
 def test_capped_receive_buffer_reports_its_drops():
@@ -113,7 +103,7 @@ def test_capped_receive_buffer_reports_its_drops():
     assert float(aux8.dropped_fraction) == pytest.approx(7 / 8)
     y1, _ = jmoe.moe_apply(params, x, cfg.replace(ep_recv_factor=0.0), bias=bias)
     per_shard = T // 8
-    _assert_tree_close(y8[:per_shard], y1[:per_shard])
+    assert_tree_close(y8[:per_shard], y1[:per_shard])
     np.testing.assert_array_equal(np.asarray(y8[per_shard:]), 0.0)
 
 
@@ -168,14 +158,7 @@ def test_ep_buckets_pick_the_smallest_fitting_exchange(monkeypatch, skewed):
     """A balanced router runs in the small bucket, an all-to-one router in the
     worst-case buffer (seen at run time from inside the branch taken), and
     both equal the bucket-free layer, forward and gradients."""
-    seen = []
-    inner = exchange._exchange_and_run
-
-    def spy(*args, rows, **kw):
-        jax.debug.callback(lambda: seen.append(rows))  # runs only in the branch taken
-        return inner(*args, rows=rows, **kw)
-
-    monkeypatch.setattr(exchange, "_exchange_and_run", spy)
+    seen = record_exchange_buffers(monkeypatch)
     tokens = 512
     cfg = _cfg(dispatch="dropless", router="sigmoid_topk", top_k=1, ep_buckets=(3.0,))
     params, bias = _all_to_one_expert(cfg)
@@ -197,7 +180,7 @@ def test_ep_buckets_pick_the_smallest_fitting_exchange(monkeypatch, skewed):
     assert slot == [3 * num_a // 8]
     assert set(seen) == {8 * num_a if skewed else 8 * slot[0]}, seen
     want = jax.jit(lambda: run(with_execution(cfg, ep_buckets=())))()
-    _assert_tree_close(got, want)
+    assert_tree_close(got, want)
 
 
 def test_sharded_init_holds_only_local_experts():
@@ -222,7 +205,7 @@ def test_expert_tensor_parallel_equals_single_device():
         c = cfg.replace(dispatch=disp)
         ref = _fwd_bwd(c, params, x, ct, None)
         got = _fwd_bwd(c, params, x, ct, make_mesh(data=1, expert=4, tensor=2))
-        _assert_tree_close(got, ref)
+        assert_tree_close(got, ref)
 
 
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
@@ -302,4 +285,4 @@ def test_layer_uses_the_context_mesh():
         hlo = jax.jit(lambda p, x: jmoe.moe_apply(p, x, cfg)[0]).lower(params, x).as_text()
         y = jax.jit(lambda p, x: jmoe.moe_apply(p, x, cfg)[0])(params, x)
     assert "all_to_all" in hlo or "all-to-all" in hlo
-    _assert_tree_close(y, jmoe.moe_apply(params, x, cfg)[0])
+    assert_tree_close(y, jmoe.moe_apply(params, x, cfg)[0])

@@ -10,6 +10,7 @@ import pytest
 
 import jmoe
 from cfg_helpers import moe_config
+from checks import assert_tree_close
 from jmoe import placement as pl
 from jmoe.balance import balance
 from jmoe.sharding import exchange, make_mesh
@@ -38,13 +39,6 @@ def _fwd_bwd(cfg, params, x, ct, mesh, placement):
     return jax.jit(run)(params, x, ct, arrays)
 
 
-def _close(a, b, rtol=1e-5):
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        v = np.asarray(v)
-        np.testing.assert_allclose(np.asarray(u), v, rtol=rtol,
-                                   atol=rtol * float(np.max(np.abs(v))) + 1e-7)
-
-
 def _inputs(cfg):
     params = jmoe.init_params(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (T, D))
@@ -68,7 +62,7 @@ def test_placed_layer_equals_the_static_layer(dispatch, data, expert, slots, chu
     want = _fwd_bwd(cfg, params, x, ct, mesh=mesh, placement=None)
     got = _fwd_bwd(cfg, params, x, ct, mesh=mesh, placement=place)
     assert float(got[1].dropped_fraction) == 0.0
-    _close(got, want)
+    assert_tree_close(got, want)
 
 
 def test_placed_layer_on_one_device_equals_the_per_token_reference():
@@ -89,7 +83,7 @@ def test_placed_layer_on_one_device_equals_the_per_token_reference():
     concrete = (jax.tree.map(np.asarray, params), np.asarray(x))
     ref = lambda p, x: reference_moe(p, x, cfg, bias=bias, concrete=concrete)[0]
     y_ref, vjp_ref = jax.vjp(ref, params, x)
-    _close(got, (y_ref, vjp_ref(ct)))
+    assert_tree_close(got, (y_ref, vjp_ref(ct)))
 
 
 def _received_rows(cfg, params, x, mesh, placement, monkeypatch):
@@ -153,7 +147,7 @@ def test_another_placement_does_not_recompile():
     a = f(params, x, balance(LOAD, 8, 2).as_arrays())
     b = f(params, x, balance(LOAD[::-1].copy(), 8, 2).as_arrays())
     assert len(traces) == 1
-    _close(a, b)
+    assert_tree_close(a, b)
 
 
 def test_bad_placements_raise_before_compile():
@@ -174,7 +168,6 @@ def test_bad_placements_raise_before_compile():
 def test_the_nnx_and_linen_modules_take_a_placement():
     """Both modules pass `placement=` through (same result, the slot
     weights' gradient reaching the module's own expert weights)."""
-    import flax.linen as nn  # noqa: F401  (the Linen adapter's framework)
     from flax import nnx
 
     cfg = _cfg(dispatch="dropless", router="softmax_topk")
@@ -184,10 +177,10 @@ def test_the_nnx_and_linen_modules_take_a_placement():
     loss = lambda m, a: jnp.sum(m(x, placement=a)[0] ** 2)
     g0 = nnx.grad(lambda m: loss(m, None))(layer)
     g1 = nnx.grad(lambda m: loss(m, arrays))(layer)
-    _close(nnx.state(g1, nnx.Param), nnx.state(g0, nnx.Param))
+    assert_tree_close(nnx.state(g1, nnx.Param), nnx.state(g0, nnx.Param))
     lin = jmoe.linen.MoE(cfg)
     variables = lin.init(jax.random.key(0), x)
-    _close(lin.apply(variables, x, placement=arrays)[0], lin.apply(variables, x)[0])
+    assert_tree_close(lin.apply(variables, x, placement=arrays)[0], lin.apply(variables, x)[0])
     # The placement reaches the layer: one for other experts is refused.
     wrong = pl.Placement.static(4, 2).as_arrays()
     with pytest.raises(ValueError, match="placement is for 4 experts"):

@@ -19,8 +19,9 @@ from jax.extend import core as jax_core
 
 import jmoe
 from jmoe import routing
-from jmoe.sharding import exchange, make_mesh
+from jmoe.sharding import make_mesh
 from cfg_helpers import moe_config
+from checks import assert_tree_close, record_exchange_buffers
 
 D, F, E, K = 16, 32, 8, 2
 
@@ -29,16 +30,6 @@ def _cfg(**kw):
     base = dict(d_model=D, d_ff=F, num_experts=E, top_k=K, group_align=4)
     base.update(kw)
     return moe_config(**base)
-
-
-def _assert_close(got, want, rtol=1e-5):
-    """Equal to `rtol` relative to each leaf's largest entry."""
-    lg, lw = jax.tree.leaves(got), jax.tree.leaves(want)
-    assert len(lg) == len(lw)
-    for g, w in zip(lg, lw):
-        w = np.asarray(w)
-        np.testing.assert_allclose(np.asarray(g), w, rtol=rtol,
-                                   atol=rtol * float(np.max(np.abs(w))) + 1e-7)
 
 
 # ------------------------------------------------------------- reference --
@@ -101,14 +92,7 @@ def test_dropless_exchange_equals_reference(monkeypatch, case, buckets):
     """Expert-parallel dropless (2x4 mesh, dense ragged exchange) equals the
     per-token reference, forward and gradients w.r.t. x and every parameter,
     drops nothing, and ran the exchange buffer the routing calls for."""
-    seen = []
-    inner = exchange._exchange_and_run
-
-    def spy(*args, rows, **kw):
-        jax.debug.callback(lambda: seen.append(rows))  # runs only in the branch taken
-        return inner(*args, rows=rows, **kw)
-
-    monkeypatch.setattr(exchange, "_exchange_and_run", spy)
+    seen = record_exchange_buffers(monkeypatch)
     skew, rows = SKEWS[case]
     cfg = _cfg(dispatch="dropless", ragged_impl="dense")
     if buckets is not None:
@@ -133,8 +117,8 @@ def test_dropless_exchange_equals_reference(monkeypatch, case, buckets):
     assert float(aux.dropped_fraction) == 0.0
     np.testing.assert_allclose(np.asarray(aux.expert_load),
                                np.bincount(ids.ravel(), minlength=E) / ids.size, rtol=1e-6)
-    _assert_close(y, y_ref)
-    _assert_close(grads, vjp_ref(ct))
+    assert_tree_close(y, y_ref)
+    assert_tree_close(grads, vjp_ref(ct))
 
 
 # --------------------------------------------------- group-limited routing --
