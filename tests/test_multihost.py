@@ -217,6 +217,23 @@ class Job:
                 p.kill()
                 p.wait()
 
+    def wait_for_step(self, after: int, offset: int = 0, timeout: float = 300) -> int:
+        """Waits until process 0 logs a step > `after` past byte `offset` of metrics.jsonl."""
+        deadline, path = time.time() + timeout, os.path.join(self.workdir, "metrics.jsonl")
+        while time.time() < deadline:
+            if os.path.exists(path):
+                with open(path) as f:
+                    f.seek(offset)
+                    steps = [json.loads(l)["step"] for l in f if l.endswith("\n")]
+                if steps and steps[-1] > after:
+                    return steps[-1]
+            if any(p.poll() is not None for p in self.procs):
+                self.kill()
+                pytest.fail(f"a process exited early:\n{self.output()[-3000:]}")
+            time.sleep(0.05)
+        self.kill()
+        pytest.fail(f"no step after {after} within {timeout}s")
+
     def wait_for_checkpoint(self, after: int, timeout: float = 300) -> int:
         """Waits until a checkpoint of a step > `after` is committed; returns the step."""
         deadline = time.time() + timeout
@@ -235,6 +252,18 @@ class Job:
 def committed(workdir: str) -> list:
     path = os.path.join(workdir, "checkpoints")
     return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+def log_size(workdir: str) -> int:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def trained_steps_from(workdir: str, offset: int) -> list:
+    """Steps of the train records metrics.jsonl gained after byte `offset` (one launch's)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        f.seek(offset)
+        return [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
 
 
 def train_losses(workdir: str) -> dict:
@@ -326,19 +355,11 @@ def test_preemption_and_a_dead_process(tmp_path):
     # bucket switch saves each of the six process launches ~9 s of compile
     # (the bucketed exchange across processes runs in `first_runs`).
     fast = {"execution.ep_buckets": "()"}
-    # SIGTERM to one process (SLURM preemption): both stop at one agreed step,
-    # save it, and exit 0. Unagreed, the step only one of them runs would hang.
-    job = Job(workdir, 2, tag="-term", total_steps=10_000, **fast)
-    job.wait_for_checkpoint(after=2)
-    job.procs[1].send_signal(signal.SIGTERM)
-    job.wait(timeout=120)
-    stopped = json.load(open(os.path.join(workdir, "summary.json")))["step"]
-    assert committed(workdir)[-1] == stopped, (committed(workdir), stopped)
-
-    # The same command resumes. SIGKILL one process: the other exits non-zero
-    # within the heartbeat timeout (far below 120 s), saying why.
+    ckpts = os.path.join(workdir, "checkpoints")
+    # SIGKILL one process: the other exits non-zero within the heartbeat
+    # timeout (far below 120 s), saying why.
     job = Job(workdir, 2, tag="-kill", total_steps=10_000, **fast)
-    job.wait_for_checkpoint(after=stopped)
+    job.wait_for_checkpoint(after=2)
     job.procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
     codes = job.wait(timeout=120, ok=False)
@@ -350,16 +371,41 @@ def test_preemption_and_a_dead_process(tmp_path):
     # connection.
     assert re.search(r"another (task|process)( has probably)? died|gloo", job.output(0)), \
         job.output(0)[-3000:]
-    assert f"resumed from {os.path.join(workdir, 'checkpoints')}/{stopped}" in job.output(0), \
-        job.output(0)[-3000:]
-
-    # The last complete checkpoint is intact, and relaunching resumes from it.
+    # The last complete checkpoint is intact.
     last = committed(workdir)[-1]
     state, data_state = restore_state(workdir, last)
     assert int(state.step) == last and data_state == {"next_index": last}
-    job = Job(workdir, 2, tag="-resume", total_steps=last + 2, **fast)
+
+    # The same command resumes from it, and a SIGTERM to one process
+    # (SLURM preemption) makes both stop at one agreed step, save it, and
+    # exit 0; unagreed, the step only one of them runs would hang. No
+    # scheduled saves in this launch, and a checkpoint exists already (Orbax
+    # saves a workdir's first checkpoint unasked): a checkpoint at the stop
+    # is the stop's own.
+    kept, before = committed(workdir), log_size(workdir)
+    job = Job(workdir, 2, tag="-term", total_steps=10_000, checkpoint_every=10_000, **fast)
+    job.wait_for_step(after=last + 2, offset=before)  # both compiled and training
+    job.procs[1].send_signal(signal.SIGTERM)
+    job.wait(timeout=120)
+    assert f"resumed from {ckpts}/{last} " in job.output(0), job.output(0)[-3000:]
+    stopped = json.load(open(os.path.join(workdir, "summary.json")))["step"]
+    assert f"done: step {stopped} " in job.output(0), job.output(0)[-3000:]
+    assert committed(workdir) == kept + [stopped], (kept, committed(workdir), stopped)
+    # It trained from the checkpoint (not from step 1, as a restart would)
+    # to the agreed step and no further; both processes saved there, and
+    # the checkpoint they wrote restores to that step and its data position.
+    assert trained_steps_from(workdir, before) == list(range(last + 1, stopped + 1))
+    assert os.path.isdir(os.path.join(ckpts, str(stopped), "state", "ocdbt.process_1"))
+    state, data_state = restore_state(workdir, stopped)
+    assert int(state.step) == stopped and data_state == {"next_index": stopped}
+
+    # Relaunching resumes from the stop.
+    before = log_size(workdir)
+    job = Job(workdir, 2, tag="-resume", total_steps=stopped + 2, **fast)
     job.wait()
-    assert f"resumed from {os.path.join(workdir, 'checkpoints')}/{last}" in job.output(0), \
-        job.output(0)[-3000:]
-    assert committed(workdir)[-1] == last + 2, committed(workdir)
-    assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+    assert f"resumed from {ckpts}/{stopped} " in job.output(0), job.output(0)[-3000:]
+    assert trained_steps_from(workdir, before) == [stopped + 1, stopped + 2]
+    assert committed(workdir)[-1] == stopped + 2, committed(workdir)
+    # Orbax commits by renaming: the save the SIGKILL cut short never showed,
+    # and a restart cleared its temporary directory away.
+    assert not [d for d in os.listdir(ckpts) if "tmp" in d]

@@ -1,4 +1,5 @@
-"""The trainer end to end: learning, resume after SIGKILL, mesh change, NaN, CLI.
+"""The trainer end to end: learning, resume after SIGKILL, mesh change, time limit,
+NaN, CLI.
 
 One tiny reference run (module fixture, mesh data=1 x expert=8) serves most
 tests; the SIGKILL test replays it in a subprocess and must match it bit for
@@ -69,6 +70,19 @@ def train_losses(workdir):
             if r["split"] == "train":
                 out[r["step"]] = r["loss"]
     return out
+
+
+def train_records_from(workdir, offset):
+    """Train records that metrics.jsonl gained after byte `offset` (one launch's)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        f.seek(offset)
+        return [r for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def committed_steps(workdir):
+    """Steps of the committed checkpoints (Orbax renames a finished save to its step)."""
+    path = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
 
 
 def restore_state(workdir, config, step):
@@ -205,12 +219,19 @@ def test_sigkill_then_resume_is_identical(ref_run, tmp_path):
     assert os.path.isdir(committed), out
     ckpts = os.path.join(workdir, "checkpoints")
     half_written = [d for d in os.listdir(ckpts) if "tmp" in d]
+    latest = committed_steps(workdir)[-1]  # >= N: the kill may land a few saves later
+    killed_log = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
 
     # The same command (with the reference's length) resumes from the latest checkpoint.
     res = subprocess.run(cmd + cli_args(), env=subprocess_env(), capture_output=True,
                          text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "resumed from" in res.stdout
+    assert f"resumed from {ckpts}/{latest} " in res.stdout, res.stdout
+    # A deterministic restart from step 0 would reach the same losses and
+    # state below (and could still print the line above): what tells a resume
+    # apart is that the relaunch trained only the steps after the checkpoint.
+    assert [r["step"] for r in train_records_from(workdir, killed_log)] == \
+        list(range(latest + 1, 2 * N + 1))
     # Orbax commits a checkpoint by renaming its temporary directory, so one
     # cut short by the kill was never visible; the restart cleared it away.
     assert not [d for d in os.listdir(ckpts) if "tmp" in d], half_written
@@ -224,17 +245,81 @@ def test_sigkill_then_resume_is_identical(ref_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_restore_on_another_mesh_gives_the_same_eval(ref_run, tmp_path):
+def test_restore_on_another_mesh_evaluates_and_trains_on_alike(ref_run, tmp_path):
     ref_dir, summary = ref_run
     workdir = str(tmp_path / "moved")
     shutil.copytree(ref_dir, workdir)
+    # One exchange buffer instead of the bucket switch (an execution knob:
+    # the same maths, ~17 s less compile).
+    moved_config = tiny_config(**{"mesh.data": 2, "mesh.expert": 4, "execution.ep_buckets": ()})
     # Saved on (data=1, expert=8); restored on (2, 4): a finished run only evaluates.
-    moved = loop.run(tiny_config(**{"mesh.data": 2, "mesh.expert": 4}), workdir)
+    moved = loop.run(moved_config, workdir)
     assert moved["step"] == 2 * N
     np.testing.assert_allclose(moved["val_loss"], summary["val_loss"], rtol=1e-5)
     # The training run's summary survives the evaluation-only rerun.
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["train_loss"] == summary["train_loss"]
+
+    # Training goes on from step N on (2, 4) as it went on on (1, 8) in the
+    # reference: parameters, both Adam moments, the optimizer's counts (the
+    # LR schedule), the step and the data position all came across.
+    # Tolerance: fp32 with "highest" matmuls, and both meshes split the batch
+    # into the same 8 row shards, so only the order of cross-shard sums (the
+    # gradient reduction over a different device layout) differs: ~1 ulp
+    # (6e-8 relative) per step, which Adam's g/sqrt(v) passes on without
+    # amplifying over N = 6 steps. Measured: losses equal, every state leaf
+    # within 1.1e-7 of its largest entry. rtol 1e-6 allows a few ulp; fresh
+    # Adam moments or a lost data position move the losses by 0.09-0.13
+    # relative, and a reset step shows in the state comparison.
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(2 * N)))
+    go_on = loop.run(moved_config, workdir)
+    ref, got = train_losses(ref_dir), train_losses(workdir)
+    steps = list(range(N + 1, 2 * N + 1))
+    np.testing.assert_allclose([got[s] for s in steps], [ref[s] for s in steps],
+                               rtol=1e-6, atol=0)
+    np.testing.assert_allclose(go_on["val_loss"], summary["val_loss"], rtol=1e-6)
+    a, da = restore_state(ref_dir, tiny_config(), 2 * N)
+    b, db = restore_state(workdir, moved_config, 2 * N)
+    assert da == db == {"next_index": 2 * N}
+    # The whole state: the step count, both Adam moments and their counts too.
+    # Each leaf within 1e-6 of its largest entry (measured: <= 1.1e-7).
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+        np.asarray(y, np.float64), np.asarray(x, np.float64), rtol=0,
+        atol=1e-6 * np.abs(np.asarray(x, np.float64)).max()), a, b)
+
+
+def test_max_time_s_stops_with_a_checkpoint_and_the_same_command_resumes(ref_run, tmp_path,
+                                                                          capsys):
+    ref_dir, _ = ref_run
+    ref = train_losses(ref_dir)
+    workdir = str(tmp_path / "timed")
+    ckpts = os.path.join(workdir, "checkpoints")
+    # Out of time as soon as a step is dispatched: each launch trains one step.
+    # The reference's config otherwise (checkpoint_every=N), so the
+    # checkpoints at 1 and 2 are the stops' own.
+    # One exchange buffer, as in the test above: ~17 s less compile per launch.
+    config = tiny_config(max_time_s=1e-9, **{"execution.ep_buckets": ()})
+    for stop in (1, 2):
+        summary = loop.run(config, workdir)
+        out = capsys.readouterr().out
+        assert summary["step"] == stop, out
+        assert committed_steps(workdir) == list(range(1, stop + 1)), out
+        assert f"done: step {stop} " in out, out
+        # It says why it stopped, on screen and in the summary.
+        assert (f"stopped early at step {stop} of {config.total_steps} by the time limit "
+                "(config.max_time_s), with a checkpoint: rerun the same command") in out, out
+        if stop > 1:
+            assert f"resumed from {ckpts}/{stop - 1} " in out, out
+        with open(os.path.join(workdir, "summary.json")) as f:
+            saved = json.load(f)
+        assert saved["step"] == stop
+        assert saved["stopped_by"] == "the time limit (config.max_time_s)"
+    state, data_state = restore_state(workdir, config, 2)
+    assert int(state.step) == 2 and data_state == {"next_index": 2}
+    # The second launch trained step 2 only, on the reference's second batch.
+    got = train_losses(workdir)
+    assert sorted(got) == [1, 2]
+    np.testing.assert_allclose([got[1], got[2]], [ref[1], ref[2]], rtol=1e-6, atol=0)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -262,6 +262,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             return loss
 
         rep = make_reporter(start)
+        stopped = "total_steps"  # or what stopped the run early
         preempt = _Preempted(start)
         pending: Optional[tuple[int, Any]] = None
         val_loss = float("nan")
@@ -302,6 +303,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                 pending = (step, m)
                 out_of_time = config.max_time_s > 0 and time.time() - train_t0 > config.max_time_s
                 last = step == config.total_steps or preempt.stop(step, out_of_time)
+                if last and step < config.total_steps:
+                    stopped = ("the time limit (config.max_time_s)" if out_of_time
+                               else "SIGTERM (preemption)")
                 if step % config.checkpoint_every == 0 or step % config.eval_every == 0 or last:
                     drain()  # never save or evaluate a state whose loss was not checked
                 if step % config.eval_every == 0 or last:
@@ -326,7 +330,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                "wall_time_s": wall, "train_time_s": time.time() - train_t0,
                "tokens_per_s": float(rep.last.get("tokens_per_s", float("nan"))),
                "mfu": float(rep.last.get("mfu", float("nan"))),
-               "params_total": counts["total"], "params_active": counts["active"]}
+               "params_total": counts["total"], "params_active": counts["active"],
+               "stopped_by": stopped}
     if is_main and step == start:
         # A rerun of a finished run: keep the training run's summary.json.
         rep.log(f"already done: step {step} of total_steps={config.total_steps}; val loss "
@@ -335,6 +340,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     elif is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        if stopped != "total_steps":
+            rep.log(f"stopped early at step {step} of {config.total_steps} by {stopped}, with a "
+                    "checkpoint: rerun the same command to resume.")
         rep.log(f"done: step {step}  train loss {train_loss:.4f}  val loss {val_loss:.4f} "
                 f"nats/token  wall time {wall:.0f}s  ({summary['tokens_per_s']:,.0f} tok/s)")
     rep.close()
