@@ -201,7 +201,7 @@ def check_placement(cfg: MoEConfig, placement: Optional[PlacementArrays]) -> Non
         raise ValueError(
             f"placement is for {placement.replica_slot_EY.shape[0]} experts but "
             f"MoEConfig.num_experts={cfg.num_experts}: build it with "
-            f"jmoe.placement.balance(load_E, ...) for this layer.")
+            f"jmoe.balance.balance(load_E, ...) for this layer.")
 
 
 def local_moe(params: Params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig,

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jmoe
 from cfg_helpers import moe_config
@@ -148,6 +149,9 @@ def test_another_placement_does_not_recompile():
     b = f(params, x, balance(LOAD[::-1].copy(), 8, 2).as_arrays())
     assert len(traces) == 1
     assert_tree_close(a, b)
+    # Arrays already placed on the mesh (as a trainer keeps them) work too.
+    on_mesh = jax.device_put(balance(LOAD, 8, 2).as_arrays(), NamedSharding(mesh, P()))
+    assert_tree_close(f(params, x, on_mesh), a)
 
 
 def test_bad_placements_raise_before_compile():

@@ -79,7 +79,7 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
     if bias_E is None:
         bias_E = jnp.zeros((cfg.num_experts,), jnp.float32)
 
-    def core(x, xr, w_DE, bias, w):
+    def core(x, xr, w_DE, bias, w, placement):
         return moe_core(
             x, xr, w_DE, cfg, bias,
             capacity_experts=functools.partial(capacity_exchange, w=w, cfg=cfg, ep=ep, tp=tp),
@@ -89,7 +89,7 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
             # receiving side pads to `group_align` when it regroups them.
             dropless_align=1, placement=placement)
 
-    def body(x, xr, w_DE, bias, w):
+    def body(x, xr, w_DE, bias, w, placement):
         if cfg.dispatch == "dropless" and cfg.execution.overlap_chunks > 1:
             # Dropless chunks by token: routing is per token and nothing drops,
             # so each chunk's pipeline is independent and the sum is exact.
@@ -99,16 +99,19 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
                 if parts:
                     xa, xra = after((xa, xra), parts[-1][0])
                 with jax.named_scope(f"chunk{i}"):
-                    parts.append(core(xa, xra, w_DE, bias, w))
+                    parts.append(core(xa, xra, w_DE, bias, w, placement))
             out = jnp.concatenate([p_[0] for p_ in parts], axis=0)
             sums = functools.reduce(operator.add, [p_[1] for p_ in parts])
         else:
-            out, sums = core(x, xr, w_DE, bias, w)
+            out, sums = core(x, xr, w_DE, bias, w, placement)
         if tok:
             sums = lax.psum(sums, tok)
         return out, finalize(sums, cfg.router == "expert_choice")
 
+    # The placement enters as an argument (replicated), never by closure: a
+    # closed-over array that already lives on the mesh cannot enter the
+    # manual region.
     fn = jax.shard_map(body, mesh=mesh,
-                       in_specs=(tok_spec, tok_spec, P(), P(), w_specs),
+                       in_specs=(tok_spec, tok_spec, P(), P(), w_specs, P()),
                        out_specs=(tok_spec, P()))
-    return fn(x_TD, xr_TD, params["router"]["w_DE"], bias_E, w_exp)
+    return fn(x_TD, xr_TD, params["router"]["w_DE"], bias_E, w_exp, placement)
