@@ -85,8 +85,10 @@ class Attention(nnx.Module):
         q_BTHQ = rope(einsum("btd,dhk->bthk", x_BTD, self.w_q_DHQ[...].astype(dt)), self.theta)
         k_BTJQ = rope(einsum("btd,djk->btjk", x_BTD, self.w_k_DJQ[...].astype(dt)), self.theta)
         v_BTJQ = einsum("btd,djk->btjk", x_BTD, self.w_v_DJQ[...].astype(dt))
-        # jax.nn.dot_product_attention handles grouped-query heads and picks
-        # cuDNN flash attention on GPUs that have it.
+        # jax.nn.dot_product_attention handles grouped-query heads. With no
+        # `implementation` it runs the XLA path (jax 0.10: full [T, T] scores,
+        # no cuDNN flash attention), which the planner's flash-attention
+        # assumptions do not describe (docs/planner.md).
         o_BTHQ = jax.nn.dot_product_attention(q_BTHQ, k_BTJQ, v_BTJQ, is_causal=True)
         return o_BTHQ
 
