@@ -27,6 +27,21 @@ def resolve_gmm_backend(name: str, platform: str) -> str:
     return name
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(value: Any) -> Any:
+    """'bfloat16' for `jnp.bfloat16`, `np.dtype('bfloat16')` or 'bfloat16':
+    Flax code passes dtypes as types; configs store their names. Anything
+    without a name comes back unchanged for the check to reject."""
+    if isinstance(value, str):
+        return value
+    name = getattr(value, "name", None)  # a numpy dtype
+    if not isinstance(name, str):
+        name = getattr(value, "__name__", None)  # a scalar type: jnp.bfloat16, np.float32
+    return name if isinstance(name, str) else value
+
+
 def mlp_matrices(activation: str) -> int:
     """Weight matrices of one MLP: 3 for SwiGLU (gate, up, down), else 2."""
     return 3 if activation == "swiglu" else 2
@@ -200,6 +215,8 @@ class MoEConfig:
     execution: Execution = Execution()
 
     def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, dtype_name(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -263,8 +280,9 @@ class MoEConfig:
         if self.num_shared_experts and self.shared_d_ff < 0:
             _fail("shared_d_ff", self.shared_d_ff, "must be >= 0 (0 means d_ff).")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                _fail(name, getattr(self, name), "choose float32, bfloat16 or float16.")
+            if getattr(self, name) not in DTYPES:
+                _fail(name, getattr(self, name), f"choose one of {DTYPES} (a name or "
+                      "jnp.float32 / jnp.bfloat16 / jnp.float16).")
 
     def capacity(self, num_tokens: int, num_groups: int = 0) -> int:
         """Slots per expert for `num_tokens` tokens (a static Python int).

@@ -11,10 +11,9 @@ import dataclasses
 import difflib
 from typing import Any, Mapping, Optional
 
-from jmoe.config import Execution, FieldError, MoEConfig, mlp_matrices
+from jmoe.config import DTYPES, Execution, FieldError, MoEConfig, dtype_name, mlp_matrices
 
 REMAT = ("none", "full", "dots")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +78,10 @@ class GPTConfig:
     scmoe: bool = False
     moe: Optional[MoEConfig] = None  # None when no layer is an MoE layer
     execution: ModelExecution = ModelExecution()
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):  # jnp.bfloat16 -> "bfloat16"
+            object.__setattr__(self, name, dtype_name(getattr(self, name)))
 
     @property
     def kv_heads(self) -> int:

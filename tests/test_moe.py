@@ -309,3 +309,18 @@ def test_a_bias_the_router_cannot_use_raises():
     # The modules keep a bias for every router and pass it only where it is read.
     y, _ = jmoe.MoE(cfg, rngs=nnx.Rngs(params=0))(x)
     assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("given", [jnp.bfloat16, np.dtype("bfloat16"), "bfloat16"])
+def test_dtypes_may_be_given_as_flax_code_passes_them(given):
+    """Flax code passes `jnp.bfloat16`; the config stores the name, and the
+    layer then computes in bf16 (the option takes effect)."""
+    cfg = _cfg(dtype=given, param_dtype=given)
+    assert cfg.dtype == cfg.param_dtype == "bfloat16"
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+    x = jnp.ones((8, D), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda p, x: jmoe.moe_apply(p, x, cfg)[0])(params, x)
+    assert "bf16[" in str(jaxpr)
+    with pytest.raises(ValueError, match=r"MoEConfig.dtype='int' is invalid"):
+        _cfg(dtype=int)
