@@ -106,3 +106,21 @@ def reference_moe(params, x_TD, cfg, bias=None, concrete=None):
     if cfg.num_shared_experts:
         y = y + jnp.stack([_shared(x_TD[t], params["shared"], cfg) for t in range(t_count)])
     return y, kept
+
+
+def gathered_reference(params, x_TD, ids_TK, kept_TK=None):
+    """A softmax top-k SwiGLU layer with the routing decided outside:
+    y[t] = sum over kept k of w[t, k] * MLP_{ids[t, k]}(x[t]), with w the
+    chosen softmax probabilities renormalised over all K chosen (dropped ones
+    included). Plain gathers and einsums, so it jits and `jax.vjp` gives the
+    reference gradients; no buffers, no exchange."""
+    probs_TE = jax.nn.softmax(x_TD @ params["router"]["w_DE"], axis=-1)
+    w_TK = jnp.take_along_axis(probs_TE, ids_TK, axis=1)
+    w_TK = w_TK / jnp.sum(w_TK, axis=1, keepdims=True)
+    if kept_TK is not None:
+        w_TK = w_TK * kept_TK
+    ex = params["experts"]
+    gate = jnp.einsum("td,tkdf->tkf", x_TD, ex["w_gate_EDF"][ids_TK])
+    up = jnp.einsum("td,tkdf->tkf", x_TD, ex["w_up_EDF"][ids_TK])
+    y_TKD = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, ex["w_down_EFD"][ids_TK])
+    return jnp.einsum("tk,tkd->td", w_TK, y_TKD)

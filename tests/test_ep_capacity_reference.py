@@ -21,6 +21,7 @@ import jmoe
 from jmoe import routing
 from jmoe.sharding import make_mesh
 from cfg_helpers import moe_config
+from moe_reference import gathered_reference
 from checks import assert_tree_close
 
 D, F, E, K, T = 16, 32, 8, 2, 64
@@ -68,25 +69,10 @@ def _shard_decisions(logits_TE, t_local, cap, policy):
     return ids_TK, kept_TK, int((~kept_TK).sum())
 
 
-@jax.jit
-def _reference_layer(params, x_TD, ids_TK, kept_TK):
-    """y[t] = sum over kept k of w[t, k] * MLP_{ids[t, k]}(x[t]), with the
-    weights renormalised over all K chosen (dropped ones included)."""
-    logits_TE = x_TD @ params["router"]["w_DE"]
-    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-    w_TK = jnp.take_along_axis(probs_TE, ids_TK, axis=1)
-    w_TK = w_TK / jnp.sum(w_TK, axis=1, keepdims=True)
-    ex = params["experts"]
-    gate = jnp.einsum("td,tkdf->tkf", x_TD, ex["w_gate_EDF"][ids_TK])
-    up = jnp.einsum("td,tkdf->tkf", x_TD, ex["w_up_EDF"][ids_TK])
-    y_TKD = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, ex["w_down_EFD"][ids_TK])
-    return jnp.einsum("tk,tkd->td", w_TK * kept_TK, y_TKD)
-
-
 def _reference(params, x, ct, t_local, cap, policy):
     logits = np.asarray(x @ params["router"]["w_DE"], np.float32)
     ids, kept, dropped = _shard_decisions(logits, t_local, cap, policy)
-    y, vjp = jax.vjp(lambda p, x: _reference_layer(p, x, ids, kept), params, x)
+    y, vjp = jax.vjp(lambda p, x: jax.jit(gathered_reference)(p, x, ids, kept), params, x)
     return y, vjp(ct), dropped
 
 

@@ -217,36 +217,38 @@ class Job:
                 p.kill()
                 p.wait()
 
-    def wait_for_step(self, after: int, offset: int = 0, timeout: float = 300) -> int:
-        """Waits until process 0 logs a step > `after` past byte `offset` of metrics.jsonl."""
-        deadline, path = time.time() + timeout, os.path.join(self.workdir, "metrics.jsonl")
+    def _poll(self, latest, after: int, what: str, timeout: float) -> int:
+        """Waits until `latest()` (a step or None) passes `after`; fails when
+        a process exits first or `timeout` passes."""
+        deadline = time.time() + timeout
         while time.time() < deadline:
-            if os.path.exists(path):
-                with open(path) as f:
-                    f.seek(offset)
-                    steps = [json.loads(l)["step"] for l in f if l.endswith("\n")]
-                if steps and steps[-1] > after:
-                    return steps[-1]
+            step = latest()
+            if step is not None and step > after:
+                return step
             if any(p.poll() is not None for p in self.procs):
                 self.kill()
                 pytest.fail(f"a process exited early:\n{self.output()[-3000:]}")
             time.sleep(0.05)
         self.kill()
-        pytest.fail(f"no step after {after} within {timeout}s")
+        pytest.fail(f"no {what} after step {after} within {timeout}s")
+
+    def wait_for_step(self, after: int, offset: int = 0, timeout: float = 300) -> int:
+        """Waits until process 0 logs a step > `after` past byte `offset` of metrics.jsonl."""
+        path = os.path.join(self.workdir, "metrics.jsonl")
+
+        def latest():
+            if not os.path.exists(path):
+                return None
+            with open(path) as f:
+                f.seek(offset)
+                steps = [json.loads(l)["step"] for l in f if l.endswith("\n")]
+            return steps[-1] if steps else None
+        return self._poll(latest, after, "step", timeout)
 
     def wait_for_checkpoint(self, after: int, timeout: float = 300) -> int:
         """Waits until a checkpoint of a step > `after` is committed; returns the step."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            steps = committed(self.workdir)
-            if steps and steps[-1] > after:
-                return steps[-1]
-            if any(p.poll() is not None for p in self.procs):
-                self.kill()
-                pytest.fail(f"a process exited early:\n{self.output()[-3000:]}")
-            time.sleep(0.05)
-        self.kill()
-        pytest.fail(f"no checkpoint after step {after} within {timeout}s")
+        return self._poll(lambda: (committed(self.workdir) or [None])[-1], after, "checkpoint",
+                          timeout)
 
 
 def committed(workdir: str) -> list:

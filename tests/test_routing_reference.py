@@ -21,6 +21,7 @@ import jmoe
 from jmoe import routing
 from jmoe.sharding import make_mesh
 from cfg_helpers import moe_config
+from moe_reference import gathered_reference
 from checks import assert_tree_close, record_exchange_buffers
 
 D, F, E, K = 16, 32, 8, 2
@@ -41,20 +42,6 @@ def _softmax_topk_ids(logits_TE):
         p = np.exp(row - row.max())
         ids.append(np.argsort(-p, kind="stable")[:K])
     return np.asarray(ids, np.int32)
-
-
-@jax.jit
-def _reference_layer(params, x_TD, ids_TK):
-    """y[t] = sum_k w[t, k] * MLP_{ids[t, k]}(x[t]); w = the chosen softmax
-    probabilities renormalised over the K chosen. No buffers, no exchange."""
-    probs_TE = jax.nn.softmax(x_TD @ params["router"]["w_DE"], axis=-1)
-    w_TK = jnp.take_along_axis(probs_TE, ids_TK, axis=1)
-    w_TK = w_TK / jnp.sum(w_TK, axis=1, keepdims=True)
-    ex = params["experts"]
-    gate = jnp.einsum("td,tkdf->tkf", x_TD, ex["w_gate_EDF"][ids_TK])
-    up = jnp.einsum("td,tkdf->tkf", x_TD, ex["w_up_EDF"][ids_TK])
-    y_TKD = jnp.einsum("tkf,tkfd->tkd", jax.nn.silu(gate) * up, ex["w_down_EFD"][ids_TK])
-    return jnp.einsum("tk,tkd->td", w_TK, y_TKD)
 
 
 # ------------------------------------------ dropless exchange vs reference --
@@ -113,7 +100,7 @@ def test_dropless_exchange_equals_reference(monkeypatch, case, buckets):
     assert set(seen) == {rows}, seen
 
     ids = _softmax_topk_ids(x @ params["router"]["w_DE"])
-    y_ref, vjp_ref = jax.vjp(lambda p, x: _reference_layer(p, x, ids), params, x)
+    y_ref, vjp_ref = jax.vjp(lambda p, x: jax.jit(gathered_reference)(p, x, ids), params, x)
     assert float(aux.dropped_fraction) == 0.0
     np.testing.assert_allclose(np.asarray(aux.expert_load),
                                np.bincount(ids.ravel(), minlength=E) / ids.size, rtol=1e-6)
