@@ -9,6 +9,7 @@ maths. `jmoe.moe` chooses between them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Optional
 
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jmoe import dispatch, experts, routing
-from jmoe.config import MoEConfig
+from jmoe.config import GATED_ACTIVATIONS, MoEConfig
 from jmoe.placement import PlacementArrays, replica_slot
 from jmoe.stats import MoEAux, finalize, router_sums
 
@@ -37,14 +38,14 @@ def init_params(key: jax.Array, cfg: MoEConfig) -> dict:
     keys = iter(jax.random.split(key, 8))
     expert_w = {"w_up_EDF": _normal(next(keys), (e, d, f), d, dt),
                 "w_down_EFD": _normal(next(keys), (e, f, d), f, dt)}
-    if cfg.activation == "swiglu":
+    if cfg.activation in GATED_ACTIVATIONS:
         expert_w["w_gate_EDF"] = _normal(next(keys), (e, d, f), d, dt)
     params = {"router": {"w_DE": _normal(next(keys), (d, e), d, dt)}, "experts": expert_w}
     if cfg.num_shared_experts:
         fs = cfg.shared_hidden
         shared = {"w_up_DF": _normal(next(keys), (d, fs), d, dt),
                   "w_down_FD": _normal(next(keys), (fs, d), fs, dt)}
-        if cfg.activation == "swiglu":
+        if cfg.activation in GATED_ACTIVATIONS:
             shared["w_gate_DF"] = _normal(next(keys), (d, fs), d, dt)
         if cfg.shared_gate:
             shared["w_gate_D1"] = _normal(next(keys), (d, 1), d, dt)
@@ -191,6 +192,79 @@ def slot_weights(w: Params, placement: PlacementArrays) -> dict:
     return {k: jnp.take(v, idx_S, axis=0) for k, v in w.items()}
 
 
+def expert_weights(params: Params, placement: Optional[PlacementArrays]) -> dict:
+    """The expert weights the expert step runs, one entry per group it computes.
+
+      params["experts"], no placement: [E, ...], expert e is group e.
+      params["experts"] with a placement: gathered into slot order [P*S, ...]
+        on every call (weights stay in logical order; on a mesh the gather
+        all-gathers every expert and the backward all-reduces all of them).
+      params["slots"] (stored in the placement's slot order, [P*S, ...], e.g.
+        by `jmoe.placement.to_slots`): used as they are; the replicas of an
+        expert are tied (`tie_replicas`), so each gets the sum of their
+        gradients and an optimizer keeps them equal.
+    """
+    if "slots" in params:
+        if placement is None:
+            raise ValueError("params hold expert weights in slot order ('slots') but no "
+                             "placement= was passed: pass the placement they are stored for.")
+        w = params["slots"]
+        num_slots = placement.slot_expert_PS.size
+        for k, v in w.items():
+            if v.shape[0] != num_slots:
+                raise ValueError(
+                    f"params['slots'][{k!r}] has {v.shape[0]} slots but the placement has "
+                    f"{num_slots}: store the weights with jmoe.placement.to_slots for this "
+                    "placement (or pass the one they were stored for).")
+        return tie_replicas(w, placement)
+    w = params["experts"]
+    return w if placement is None else slot_weights(w, placement)
+
+
+def replica_groups(placement: PlacementArrays) -> tuple[jax.Array, int]:
+    """(int32 [P*S] group of each slot, G): the replicated experts numbered
+    0..G-1 in expert order, G = P*S - E (at most that many experts can have
+    a second slot); slots of an expert with one replica get group G."""
+    e = placement.replica_slot_EY.shape[0]
+    g = placement.slot_expert_PS.size - e
+    replicated_E = placement.num_replicas_E > 1
+    group_E = jnp.where(replicated_E, jnp.cumsum(replicated_E) - 1, g).astype(jnp.int32)
+    return group_E[placement.slot_expert_PS.reshape(-1)], g
+
+
+def tie_replicas(w: Params, placement: PlacementArrays) -> dict:
+    """Identity on slot-ordered weights `w` ([P*S, ...] each); in the
+    backward each slot gets the sum of the gradients of its expert's slots.
+
+    That is the gradient of one logical expert used in several places, so
+    replicas that start equal stay equal under any elementwise optimizer.
+    The sum runs over a [G+1, ...] buffer (G = P*S - E replicated experts at
+    most), so on a mesh it all-reduces G+1 expert matrices, not E.
+    """
+    group_S, g = replica_groups(placement)
+    return w if g == 0 else _tie(w, group_S, g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _tie(w, group_S, g):
+    return w
+
+
+def _tie_fwd(w, group_S, g):
+    return w, group_S
+
+
+def _tie_bwd(g, group_S, ct):
+    def tied(ct_S):
+        sums = jnp.zeros((g + 1,) + ct_S.shape[1:], ct_S.dtype).at[group_S].add(ct_S)
+        mask = (group_S < g).reshape((-1,) + (1,) * (ct_S.ndim - 1))
+        return jnp.where(mask, sums[group_S], ct_S)
+    return jax.tree.map(tied, ct), None
+
+
+_tie.defvjp(_tie_fwd, _tie_bwd)
+
+
 def check_placement(cfg: MoEConfig, placement: Optional[PlacementArrays]) -> None:
     if placement is None:
         return
@@ -208,9 +282,7 @@ def local_moe(params: Params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig,
               bias_E: Optional[jax.Array],
               placement: Optional[PlacementArrays] = None) -> tuple[jax.Array, MoEAux]:
     """Single-device layer on flat tokens: [T, D] -> ([T, D], MoEAux)."""
-    w = params["experts"]
-    if placement is not None:
-        w = slot_weights(w, placement)
+    w = expert_weights(params, placement)
     # Expert choice fills exactly C slots per expert: the dense [E, C] layout.
     cap = local_experts_capacity(w, cfg) if cfg.router == "expert_choice" else None
     out_TD, sums = moe_core(x_TD, xr_TD, params["router"]["w_DE"], cfg, bias_E, cap,

@@ -250,6 +250,46 @@ def normalized(load: np.ndarray) -> np.ndarray:
     return load / top if top > 0 else load
 
 
+# -- weights in slot order ---------------------------------------------------
+
+
+def _slot_expert_S(placement) -> jax.Array:
+    return jnp.asarray(placement.slot_expert_PS).reshape(-1)
+
+
+def _first_slot_E(placement) -> jax.Array:
+    if isinstance(placement, Placement):
+        placement = placement.as_arrays()
+    return placement.replica_slot_EY[:, 0]
+
+
+def to_slots(w: dict, placement) -> dict:
+    """Expert weights in logical order ({name: [E, ...]}) -> the placement's
+    slot order ({name: [P*S, ...]}), each replica a copy of its expert.
+    `placement`: a `Placement` or its `PlacementArrays` (jittable)."""
+    idx_S = _slot_expert_S(placement)
+    return {k: jnp.take(v, idx_S, axis=0) for k, v in w.items()}
+
+
+def to_logical(w: dict, placement) -> dict:
+    """Slot-ordered weights ({name: [P*S, ...]}) -> logical order ([E, ...]):
+    each expert from its first replica (all replicas are equal)."""
+    idx_E = _first_slot_E(placement)
+    return {k: jnp.take(v, idx_E, axis=0) for k, v in w.items()}
+
+
+def move_source(old: "Placement", new: "Placement") -> np.ndarray:
+    """int32 [P*S_new]: for each slot of `new`, the slot of `old` to copy it
+    from (its expert's first replica under `old`). `x_new = x_old[src]`
+    moves slot-ordered weights, or anything laid out like them (optimizer
+    moments), from one placement to the other."""
+    if old.num_experts != new.num_experts:
+        raise ValueError(f"placements for {old.num_experts} and {new.num_experts} experts: "
+                         "a move needs the same experts.")
+    first_E = np.array([old.replicas(e)[0] for e in range(old.num_experts)], np.int32)
+    return first_E[new.slot_expert_PS.reshape(-1)]
+
+
 # -- jittable helpers (read PlacementArrays as data) ------------------------
 
 

@@ -3,6 +3,8 @@ computes the static layer's function, forward and every gradient, on one
 device and expert-parallel; the placement takes effect (rows go where it
 says) and is data (another placement of the same sizes does not recompile)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +193,56 @@ def test_the_nnx_and_linen_modules_take_a_placement():
         layer(x, placement=wrong)
     with pytest.raises(ValueError, match="placement is for 4 experts"):
         lin.apply(variables, x, placement=wrong)
+
+
+@pytest.mark.parametrize("data,expert,slots", [(1, 8, 2), (2, 4, 3), (1, 1, 0)])
+def test_slot_ordered_weights_equal_the_static_layer(data, expert, slots):
+    """Weights stored in slot order (`params["slots"]`): the forward equals the
+    static layer's, and every slot's gradient is its expert's gradient (the
+    sum over its replicas: replicas tied, so an optimizer keeps them equal).
+    (1, 1, 0): one device, a placement of E + 3 slots."""
+    cfg = _cfg()
+    params, x, ct = _inputs(cfg)
+    mesh = make_mesh(data=data, expert=expert) if expert > 1 else None
+    place = (balance(LOAD, expert, slots) if expert > 1 else
+             pl.Placement(E, np.array([[0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 7]])))
+    assert place.num_redundant > 0 or slots == 2
+    want_y, _, (want_g, want_gx) = _fwd_bwd(cfg, params, x, ct, mesh=mesh, placement=None)
+    slotted = {"router": params["router"], "slots": pl.to_slots(params["experts"], place)}
+    got_y, _, (got_g, got_gx) = _fwd_bwd(cfg, slotted, x, ct, mesh=mesh, placement=place)
+    assert_tree_close(got_y, want_y)
+    assert_tree_close(got_gx, want_gx)
+    assert_tree_close(got_g["router"], want_g["router"])
+    assert_tree_close(got_g["slots"], pl.to_slots(want_g["experts"], place))
+    # Back to logical order: the first replicas hold the experts' gradients.
+    assert_tree_close(pl.to_logical(got_g["slots"], place), want_g["experts"])
+
+
+def test_slot_ordered_weights_move_no_expert_weights():
+    """Slot-ordered weights take effect: the compiled step all-gathers no
+    expert weights (logical-order weights under a placement all-gather every
+    expert), and the replicas' gradient sum all-reduces G+1 = R+1 slots, not E."""
+    cfg = _cfg(num_experts=16)
+    params = jmoe.init_params(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (T, D))
+    mesh = make_mesh(data=1, expert=8)
+    load = np.r_[6.0, np.ones(14), 4.0]
+    place = balance(load, 8, 3)  # 16 experts + 8 replicas
+    arrays = place.as_arrays()
+
+    def hlo(p):
+        f = lambda p, x: jnp.sum(jmoe.moe_apply(p, x, cfg, mesh=mesh, placement=arrays)[0] ** 2)
+        return jax.jit(jax.grad(f)).lower(p, x).compile().as_text()
+
+    def weight_collectives(text, op):
+        # Collectives whose operand has a [*, D, F] or [*, F, D] expert-matrix shape.
+        return re.findall(rf"f32\[(\d+),(?:{D},{F}|{F},{D})\][^\n]*? {op}\(", text)
+
+    on_mesh = lambda w: jax.device_put(w, NamedSharding(mesh, P("expert")))
+    logical = hlo(dict(params, experts=on_mesh(params["experts"])))
+    slotted = hlo({"router": params["router"],
+                   "slots": on_mesh(pl.to_slots(params["experts"], place))})
+    assert weight_collectives(logical, "all-gather"), "the logical-order path should gather"
+    assert not weight_collectives(slotted, "all-gather")
+    sizes = {int(n) for n in weight_collectives(slotted, "all-reduce")}
+    assert sizes == {place.num_redundant + 1}, sizes

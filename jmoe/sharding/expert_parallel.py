@@ -20,7 +20,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jmoe.config import MoEConfig
-from jmoe.layer import moe_core, slot_weights
+from jmoe.layer import expert_weights, moe_core
 from jmoe.placement import PlacementArrays
 from jmoe.sharding import specs
 from jmoe.sharding.checks import check_layer_on_mesh
@@ -57,10 +57,11 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
     on one device (the capacity path computes C per token shard, like GShard's
     groups, so it matches when no shard overflows).
 
-    With a `placement`, device p runs the experts of its S slots: the expert
-    weights are gathered into slot order (an all-gather of the replicated and
-    moved experts, paid on every call; its transpose sums each replica's
-    gradient into its expert) and the exchange sends every row to its slot."""
+    With a `placement`, device p runs the experts of its S slots and the
+    exchange sends every row to its slot. The slots' weights are those of
+    `jmoe.layer.expert_weights`: stored in slot order (`params["slots"]`,
+    nothing moves) or gathered from logical order on every call (an
+    all-gather of every expert, and an all-reduce of their gradients)."""
     check_layer_on_mesh(cfg, mesh, x_TD.shape[0], placement)
     names = mesh.axis_names
     ep = axis_size(mesh, "expert")
@@ -72,9 +73,7 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
     tp = "tensor" in names
     tok = tuple(a for a in specs.TOKEN_AXES if a in names)
     tok_spec = P(tok, None) if tok else P()
-    w_exp = params["experts"]
-    if placement is not None:
-        w_exp = slot_weights(w_exp, placement)
+    w_exp = expert_weights(params, placement)
     w_specs = {k: specs.restrict(specs.EXPERT_SPECS[k], names) for k in w_exp}
     if bias_E is None:
         bias_E = jnp.zeros((cfg.num_experts,), jnp.float32)
