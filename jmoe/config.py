@@ -8,7 +8,10 @@ from typing import Any
 
 ROUTERS = ("softmax_topk", "sigmoid_topk", "switch", "expert_choice")
 DISPATCHES = ("capacity", "dropless")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu")
+# Gated MLPs: act(x @ w_gate) * (x @ w_up). "geglu" is Gemma's / T5 v1.1's
+# gated GELU with the tanh approximation (Gemma's `nn.gelu` default).
+GATED_ACTIVATIONS = ("swiglu", "geglu")
 DROP_POLICIES = ("position", "probability")
 GMM_BACKENDS = ("auto", "xla", "pallas")
 RAGGED_IMPLS = ("auto", "native", "dense")
@@ -43,8 +46,8 @@ def dtype_name(value: Any) -> Any:
 
 
 def mlp_matrices(activation: str) -> int:
-    """Weight matrices of one MLP: 3 for SwiGLU (gate, up, down), else 2."""
-    return 3 if activation == "swiglu" else 2
+    """Weight matrices of one MLP: 3 for gated ones (gate, up, down), else 2."""
+    return 3 if activation in GATED_ACTIVATIONS else 2
 
 
 class FieldError(ValueError):
