@@ -23,8 +23,13 @@ partition specs (a tensor carries its shape in its name: `x_BTD`, `w_EDF`).
 
 from jmoe.config import Execution, MoEConfig
 from jmoe.moe import MoE, MoEAux, RouterBias, init_bias, init_params, moe_apply
-from jmoe import dispatch, experts, kernels, linen, routing, sharding, stats
+from jmoe import dispatch, experts, kernels, linen, logical, routing, sharding, stats
+from jmoe.logical import axis_rules
+from jmoe.losses import aux_loss
+# `jmoe.moefy` is the function (the module's other names are re-exported here).
+from jmoe.moefy import moefy, upcycle_params, upcycled_params
 
 __all__ = ["MoEConfig", "Execution", "MoE", "MoEAux", "RouterBias", "init_params", "init_bias",
-           "moe_apply", "routing", "dispatch", "experts", "kernels", "linen", "sharding", "stats"]
+           "moe_apply", "routing", "dispatch", "experts", "kernels", "linen", "sharding", "stats",
+           "logical", "axis_rules", "aux_loss", "moefy", "upcycle_params", "upcycled_params"]
 __version__ = "0.1.0"
