@@ -30,6 +30,7 @@ from jmoe import experts
 from jmoe.config import GATED_ACTIVATIONS
 from jmoe.model_config import GPTConfig
 from jmoe.moe import MoE
+from jmoe.placement import PlacementArrays
 from jmoe.sharding import fsdp
 from jmoe.sharding.schedule import chunk_bounds
 from jmoe.stats import combine_aux
@@ -154,21 +155,23 @@ class Block(nnx.Module):
                                          fsdp_ring=cfg.execution.fsdp_collective_matmul)
         self.lancet_chunks = cfg.execution.lancet_chunks if self.is_moe and not self.scmoe else 1
 
-    def __call__(self, x_BTD: jax.Array, train: bool, rng: Optional[jax.Array]):
+    def __call__(self, x_BTD: jax.Array, train: bool, rng: Optional[jax.Array],
+                 placement: Optional[PlacementArrays] = None):
         if not self.is_moe:
             x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
             return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
         if self.scmoe:
-            return self._scmoe(x_BTD, train, rng)
+            return self._scmoe(x_BTD, train, rng, placement)
         o_BTHQ = self.attn.core(self.attn_norm(x_BTD))
         if self.lancet_chunks == 1:
-            return self._post_attention(x_BTD, o_BTHQ, train, rng)
+            return self._post_attention(x_BTD, o_BTHQ, train, rng, placement)
         # Lancet: chunk j's all-to-alls depend only on chunk j's projection,
         # norm and router, so they can run while chunk j+1's compute does.
         outs, auxes = [], []
         for j, (a, b) in enumerate(chunk_bounds(x_BTD.shape[1], self.lancet_chunks)):
             with jax.named_scope(f"lancet{j}"):
-                out, aux = self._post_attention(x_BTD[:, a:b], o_BTHQ[:, a:b], train, rng)
+                out, aux = self._post_attention(x_BTD[:, a:b], o_BTHQ[:, a:b], train, rng,
+                                                placement)
             outs.append(out)
             auxes.append(aux)
         m = self.ffn.cfg
@@ -176,16 +179,16 @@ class Block(nnx.Module):
             auxes, [o.shape[0] * o.shape[1] for o in outs], m.top_k,
             expert_choice=m.router == "expert_choice")
 
-    def _post_attention(self, x_BTD, o_BTHQ, train, rng):
+    def _post_attention(self, x_BTD, o_BTHQ, train, rng, placement):
         h_BTD = x_BTD + self.attn.project(o_BTHQ)
-        y_BTD, aux = self.ffn(self.ffn_norm(h_BTD), train=train, rng=rng)
+        y_BTD, aux = self.ffn(self.ffn_norm(h_BTD), train=train, rng=rng, placement=placement)
         return h_BTD + y_BTD, aux
 
-    def _scmoe(self, x_BTD, train, rng):
+    def _scmoe(self, x_BTD, train, rng, placement):
         # The experts start from the block input, so their all-to-all does not
         # wait for this block's attention.
         n_BTD = self.attn_norm(x_BTD)
-        y_moe_BTD, aux = self.ffn(n_BTD, train=train, rng=rng)
+        y_moe_BTD, aux = self.ffn(n_BTD, train=train, rng=rng, placement=placement)
         h_BTD = x_BTD + self.attn(n_BTD)
         return h_BTD + self.shortcut_mlp(self.ffn_norm(h_BTD)) + y_moe_BTD, aux
 
@@ -204,17 +207,24 @@ class GPT(nnx.Module):
                 _init(cfg.d_model ** -0.5)(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt))
 
     def __call__(self, tokens_BT: jax.Array, *, train: bool = False,
-                 rng: Optional[jax.Array] = None):
+                 rng: Optional[jax.Array] = None,
+                 placement: Optional[PlacementArrays] = None):
+        """`placement`: where each MoE layer's experts run, its arrays stacked
+        over the MoE layers ([L, ...] leaves, `jmoe.placement.stack`)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt)
         auxes = []
         for i, block in enumerate(self.blocks):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+            place = None
+            if placement is not None and block.is_moe:
+                place = jax.tree.map(lambda a: a[len(auxes)], placement)
             if cfg.execution.remat == "none":
-                x_BTD, aux = block(x_BTD, train, layer_rng)
+                x_BTD, aux = block(x_BTD, train, layer_rng, place)
             else:
-                x_BTD, aux = _remat_block(block, x_BTD, train, layer_rng, cfg.execution.remat)
+                x_BTD, aux = _remat_block(block, x_BTD, train, layer_rng, place,
+                                          cfg.execution.remat)
             if aux is not None:
                 auxes.append(aux)
         logits_BTV = self._unembed(self.final_norm(x_BTD)).astype(jnp.float32)
@@ -264,7 +274,7 @@ def compile_init(jitted_init) -> Any:
     return jitted_init.lower().compile(compiler_options=opts)
 
 
-def _remat_block(block: Block, x_BTD: jax.Array, train: bool, rng, remat: str):
+def _remat_block(block: Block, x_BTD: jax.Array, train: bool, rng, placement, remat: str):
     """Recomputes the block's activations in the backward pass.
 
     A plain `jax.checkpoint` of a pure function of the block's state: the
@@ -274,10 +284,10 @@ def _remat_block(block: Block, x_BTD: jax.Array, train: bool, rng, remat: str):
     graphdef, state = nnx.split(block)
     policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
 
-    def fn(state, x_BTD, rng):
-        return nnx.merge(graphdef, state)(x_BTD, train, rng)
+    def fn(state, x_BTD, rng, placement):
+        return nnx.merge(graphdef, state)(x_BTD, train, rng, placement)
 
-    return jax.checkpoint(fn, policy=policy)(state, x_BTD, rng)
+    return jax.checkpoint(fn, policy=policy)(state, x_BTD, rng, placement)
 
 
 def count_params(tree: Any) -> int:

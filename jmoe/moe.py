@@ -146,11 +146,16 @@ class MoE(nnx.Module):
         has_stream = rng_collection in rngs or "default" in rngs
         self.rngs = rngs[rng_collection].fork() if has_stream else nnx.data(None)
 
+    # True when `experts` holds slot-ordered weights [P*S, ...] for the
+    # placement passed to each call (`jmoe.placement.to_slots`); the trainer
+    # sets it when it re-places experts online.
+    slot_weights: bool = False
+
     def params_dict(self) -> dict:
         """The layer's weights in `moe_apply`'s layout."""
         p = {"router": {"w_DE": self.router.w_DE[...]},
-             "experts": {k: v[...] for k, v in vars(self.experts).items()
-                         if isinstance(v, nnx.Param)}}
+             "slots" if self.slot_weights else "experts": {
+                 k: v[...] for k, v in vars(self.experts).items() if isinstance(v, nnx.Param)}}
         if self.shared is not None:
             p["shared"] = {k: v[...] for k, v in vars(self.shared).items()
                            if isinstance(v, nnx.Param)}

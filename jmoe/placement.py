@@ -250,6 +250,13 @@ def normalized(load: np.ndarray) -> np.ndarray:
     return load / top if top > 0 else load
 
 
+def stack(placements) -> PlacementArrays:
+    """The arrays of several layers' placements (same E, P, S), stacked:
+    [L, ...] leaves, as `jmoe.model.GPT` takes them (one per MoE layer)."""
+    arrays = [p.as_arrays() for p in placements]
+    return jax.tree.map(lambda *a: jnp.stack(a), *arrays)
+
+
 # -- weights in slot order ---------------------------------------------------
 
 

@@ -40,7 +40,7 @@ def abstract_state(config):
 
 def specs_by_path(shardings) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    return {mesh_lib._path_str(p): s.spec for p, s in leaves}
+    return {mesh_lib.path_str(p): s.spec for p, s in leaves}
 
 
 def restore_onto(workdir, config, step, fsdp: bool):
@@ -126,7 +126,7 @@ def test_fsdp_partitions_params_and_moments_on_mesh_2x4():
     sharded = 0
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(states[True])[0],
                             jax.tree.leaves(states[False])):
-        name = mesh_lib._path_str(path)
+        name = mesh_lib.path_str(path)
         shard_on, shard_off = a.addressable_shards[0].data, b.addressable_shards[0].data
         if "data" in on[name]:
             sharded += 1

@@ -19,7 +19,8 @@ from jmoe.config import MoEConfig, mlp_matrices, resolve_gmm_backend
 from jmoe.planner.hardware import Hardware
 from jmoe.planner.load import (bucket_probabilities, capacity_drop_fraction, device_loads,
                                recv_drop_fraction)
-from jmoe.planner.primitives import Prim, all_to_all_time, dtype_bytes, pipeline_time
+from jmoe.planner.primitives import (Prim, all_to_all_time, dtype_bytes, pipeline_time,
+                                     ring_allreduce, ring_gather)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,3 +398,48 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
     ops += _shared_and_residual_ops(g)
     detail["drop_fraction"] = drop
     return LayerCost("moe", tuple(ops), sum(o.total for o in ops) - saved, drop, detail)
+
+
+# ------------------------------------------------------------- placement --
+
+@dataclasses.dataclass(frozen=True)
+class PlacementPrice:
+    """What a placement of one MoE layer gains and costs (seconds)."""
+
+    step_gain: float  # per training step: the busiest device's excess expert compute saved
+    replica_sync: float  # per training step: the all-reduce of replicated experts' gradients
+    move: float  # once: moving expert weights and optimizer moments to new slots
+
+    def net_gain(self, steps: int) -> float:
+        """Saved over `steps` steps, minus the move and the replicas' gradient sums."""
+        return steps * (self.step_gain - self.replica_sync) - self.move
+
+
+def placement_price(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
+                    busiest_before: float, busiest_after: float, redundant: int,
+                    moved_slots: int, state_copies: int = 3,
+                    param_dtype: str = "float32", dtype: Optional[str] = None) -> PlacementPrice:
+    """Prices re-placing one layer's experts (`jmoe.balance`, issue 14).
+
+    tokens: tokens per device per step (T_local). busiest_before/after:
+    busiest device / mean under the current and the new placement (the
+    step waits for the busiest device's expert compute). redundant: R, the
+    slots beyond one per expert (replicas' gradients are summed every step
+    by an all-reduce of R+1 expert matrices, `jmoe.layer.tie_replicas`).
+    moved_slots: slots of the new placement whose expert changes (0 = no
+    move). state_copies: arrays per expert weight that move (the weight
+    and Adam's two moments). The move is priced as the trainer runs it: an
+    all-gather of the layer's expert state (`jmoe.train.rebalance`).
+    """
+    prim = Prim(hw, dtype or moe.dtype)
+    el = max(1, moe.num_experts // max(ep, 1))
+    mats = moe.expert_matrices
+    fwd, bwd = expert_compute(tokens * moe.top_k, el, moe.d_model, moe.d_ff, mats, prim)
+    gain = max(0.0, busiest_before - busiest_after) * (fwd + bwd)
+    spans = ep > hw.devices_per_node
+    matrix = mats * moe.d_model * moe.d_ff * dtype_bytes(param_dtype)
+    sync = ring_allreduce((redundant + 1) * matrix, ep, spans, hw) if redundant else 0.0
+    num_slots = moe.num_experts + redundant
+    move = (ring_gather(state_copies * num_slots * matrix, ep, spans, hw)
+            if moved_slots else 0.0)
+    return PlacementPrice(gain, sync, move)

@@ -25,7 +25,7 @@ from jmoe.sharding import axis_size, specs
 _EXPERT_LEAF = re.compile(r"(?:^|/)experts/(w_\w+)(?:/|$)")
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -55,7 +55,7 @@ def state_shardings(mesh: Mesh, abstract: Any, fsdp: bool = False) -> Any:
     fsdp_size = axis_size(mesh, specs.FSDP_AXIS) if fsdp else 1
     return jax.tree_util.tree_map_with_path(
         lambda p, x: NamedSharding(
-            mesh, spec_for(_path_str(p), tuple(x.shape), mesh.axis_names, fsdp_size)),
+            mesh, spec_for(path_str(p), tuple(x.shape), mesh.axis_names, fsdp_size)),
         abstract)
 
 

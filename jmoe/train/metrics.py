@@ -144,8 +144,32 @@ class Reporter:
             imb = float(np.max(mean["expert_load"]) * mean["expert_load"].shape[-1])
             line += (f"  lb {_scalar(mean['load_balance_loss']):.3f}  "
                      f"max-load x{imb:.2f}  drop {_scalar(mean['dropped_fraction']):.3f}")
+        if "busiest_device" in mean:  # online re-placement: busiest device / mean
+            line += (f"  dev-load x{_scalar(mean['busiest_device']):.2f} "
+                     f"(static x{_scalar(mean['busiest_device_static']):.2f})")
         self.log(line)
         return mean
+
+    def placement(self, step: int, decision, every: int) -> None:
+        """Logs a re-placement decision (`jmoe.train.rebalance.Decision`) with
+        its predicted gain and move cost, and the measured move time."""
+        if not self.enabled:
+            return
+        self.log(decision.message(every))
+        rec = {"step": step, "split": "placement", "time": time.time(),
+               "moved": bool(decision.moved),
+               "busiest_before": [float(x) for x in decision.busiest_before],
+               "busiest_after": [float(x) for x in decision.busiest_after],
+               "busiest_static": [float(x) for x in decision.busiest_static],
+               "predicted_gain_s": float(decision.predicted_gain_s),
+               "predicted_move_s": float(decision.predicted_move_s),
+               "move_s": float(decision.move_s) if decision.moved else None}
+        self.tb.add_scalar("placement/moved", float(decision.moved), step)
+        self.tb.add_scalar("placement/busiest_after", float(np.mean(decision.busiest_after)), step)
+        if decision.moved:
+            self.tb.add_scalar("placement/move_ms", 1e3 * float(decision.move_s), step)
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
 
     def eval(self, step: int, val_loss: float, seconds: float) -> None:
         """Reports a validation loss; the `seconds` it took are not training time."""
@@ -178,11 +202,11 @@ class Reporter:
         elif v.ndim == 2:
             e = v.shape[1]
             for layer, load_E in enumerate(v):
-                self.tb.add_scalar(f"expert_load_max/{layer:02d}", float(load_E.max() * e), step)
-                self.tb.add_scalar(f"expert_load_min/{layer:02d}", float(load_E.min() * e), step)
+                self.tb.add_scalar(f"{key}_max/{layer:02d}", float(load_E.max() * e), step)
+                self.tb.add_scalar(f"{key}_min/{layer:02d}", float(load_E.min() * e), step)
                 if e <= _MAX_PER_EXPERT_SCALARS:
                     for j, x in enumerate(load_E):
-                        self.tb.add_scalar(f"expert_load/{layer:02d}/{j:02d}", float(x), step)
+                        self.tb.add_scalar(f"{key}/{layer:02d}/{j:02d}", float(x), step)
 
     def close(self) -> None:
         if self.enabled and not self.jsonl.closed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from flax import nnx, struct
 from jmoe import routing
 from jmoe.model import GPT
 from jmoe.model_config import GPTConfig
+from jmoe.train import rebalance
 
 
 @struct.dataclass
@@ -61,12 +62,29 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
         decay_steps=max(steps, warmup + 1), end_value=opt_cfg.lr * opt_cfg.min_lr_ratio)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """`optax.clip_by_global_norm`, except that the caller may pass the norm
+    (`tx.update(..., grad_norm=n)`): with experts in slot order the norm of
+    the state's gradients counts replicas several times, and the step
+    passes the logical one (`jmoe.train.rebalance.logical_sq_norm`). Same
+    (empty) state, so checkpoints are unchanged."""
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra):
+        del params, extra
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        trigger = jnp.squeeze(norm < max_norm)
+        clip = lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; no weight decay on vectors (norm scales)."""
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     parts = []
     if opt_cfg.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+        parts.append(clip_by_global_norm(opt_cfg.grad_clip))
     parts.append(optax.adamw(make_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
                              eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
                              mask=decay_mask))
@@ -88,16 +106,24 @@ def make_init(gpt_cfg: GPTConfig, tx: optax.GradientTransformation, seed: int) -
     return init
 
 
-def graphdef_of(gpt_cfg: GPTConfig) -> nnx.GraphDef:
-    graphdef, _, _ = jax.eval_shape(lambda: split_model(GPT(gpt_cfg, rngs=nnx.Rngs(0))))
+def graphdef_of(gpt_cfg: GPTConfig, slot_weights: bool = False) -> nnx.GraphDef:
+    """The model's graph; `slot_weights`: its MoE layers hold experts in slot
+    order (online re-placement, `jmoe.train.rebalance`)."""
+    def make():
+        model = GPT(gpt_cfg, rngs=nnx.Rngs(params=0))  # the streams make_init uses
+        for layer in model.moe_blocks():
+            layer.slot_weights = slot_weights
+        return split_model(model)
+    graphdef, _, _ = jax.eval_shape(make)
     return graphdef
 
 
-def _forward(graphdef, params, buffers, tokens_BT1, train: bool, rng, scfg: StepConfig):
+def _forward(graphdef, params, buffers, tokens_BT1, train: bool, rng, scfg: StepConfig,
+             placement=None):
     """Loss terms of one (micro-)batch; returns (loss, (metrics, aux))."""
     model = nnx.merge(graphdef, params, buffers)
     inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-    logits_BTV, aux = model(inputs_BT, train=train, rng=rng)
+    logits_BTV, aux = model(inputs_BT, train=train, rng=rng, placement=placement)
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
     nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
     ce = jnp.mean(nll_BT)
@@ -111,17 +137,23 @@ def _forward(graphdef, params, buffers, tokens_BT1, train: bool, rng, scfg: Step
     return loss, (metrics, aux)
 
 
-def train_step(state: TrainState, batch_BT1: jax.Array, *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, schedule: optax.Schedule,
-               scfg: StepConfig) -> tuple[TrainState, dict]:
-    """One optimizer step over `grad_accum_steps` micro-batches."""
+def train_step(state: TrainState, batch_BT1: jax.Array, placement=None, *,
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, scfg: StepConfig,
+               block_to_moe: Optional[dict] = None) -> tuple[TrainState, dict]:
+    """One optimizer step over `grad_accum_steps` micro-batches.
+
+    `placement` (stacked `PlacementArrays`, with a graphdef whose MoE layers
+    hold slot-ordered experts): where the experts run; data, so a new
+    placement reuses the compiled step. `block_to_moe`: block -> MoE layer.
+    """
     rng = jax.random.fold_in(jax.random.key(scfg.seed), state.step)
     grad_fn = jax.value_and_grad(_forward, argnums=1, has_aux=True)
     a = scfg.grad_accum_steps
 
     def micro(i, tokens_BT1):
         (_, (m, aux)), g = grad_fn(graphdef, state.params, state.buffers, tokens_BT1, True,
-                                   jax.random.fold_in(rng, i), scfg)
+                                   jax.random.fold_in(rng, i), scfg, placement)
         return g, m, aux
 
     if a == 1:
@@ -142,13 +174,17 @@ def train_step(state: TrainState, batch_BT1: jax.Array, *, graphdef: nnx.GraphDe
         grads = jax.tree.map(lambda g: g / a, grads)
         metrics, aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), (metrics, aux))
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if placement is None:
+        grad_norm = optax.tree.norm(grads)
+    else:
+        grad_norm = jnp.sqrt(rebalance.logical_sq_norm(grads, placement, block_to_moe))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
     params = optax.apply_updates(state.params, updates)
     buffers = state.buffers
     if aux is not None and scfg.update_router_bias:
         buffers = _update_router_biases(graphdef, params, buffers, aux, scfg.bias_update_rate)
 
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step))
     if aux is not None:
         metrics.update(expert_load=aux.expert_load, dropped_fraction=aux.dropped_fraction,
                        router_entropy=aux.router_entropy)
@@ -168,21 +204,26 @@ def _update_router_biases(graphdef, params, buffers, aux, rate: float) -> nnx.St
     return new_buffers
 
 
-def eval_step(state: TrainState, batch_BT1: jax.Array, *, graphdef: nnx.GraphDef,
-              scfg: StepConfig) -> jax.Array:
+def eval_step(state: TrainState, batch_BT1: jax.Array, placement=None, *,
+              graphdef: nnx.GraphDef, scfg: StepConfig) -> jax.Array:
     """Mean next-token cross entropy (nats per token) of one batch."""
     _, (metrics, _) = _forward(graphdef, state.params, state.buffers, batch_BT1, False, None,
-                               scfg)
+                               scfg, placement)
     return metrics["ce"]
 
 
-def jit_steps(state_sharding, batch_sharding, graphdef, tx, schedule, scfg):
-    """The jitted train step (state donated) and eval step."""
+def jit_steps(state_sharding, batch_sharding, graphdef, tx, schedule, scfg,
+              placement_sharding=None, block_to_moe=None):
+    """The jitted train step (state donated) and eval step: `(state, batch)`,
+    or `(state, batch, placement)` when `placement_sharding` is given
+    (re-placement on, experts in slot order)."""
+    ins = (state_sharding, batch_sharding)
+    if placement_sharding is not None:
+        ins += (placement_sharding,)
     train = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, scfg=scfg),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, None),
-        donate_argnums=(0,))
+        functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, scfg=scfg,
+                          block_to_moe=block_to_moe),
+        in_shardings=ins, out_shardings=(state_sharding, None), donate_argnums=(0,))
     evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, scfg=scfg),
-                       in_shardings=(state_sharding, batch_sharding))
+                       in_shardings=ins)
     return train, evaluate
