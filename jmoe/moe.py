@@ -126,7 +126,7 @@ class MoE(nnx.Module):
       return_aux: False makes the call return only `y` (an MLP's signature)
         and sow the `MoEAux` as an `nnx.Intermediate` named `aux`; collect it
         with `y, sown = nnx.capture(model, nnx.Intermediate)(x)` and
-        `jmoe.aux_loss(sown, weights)`.
+        `jmoe.aux_loss(sown, weights)` (outside `nnx.capture` it is dropped).
       mesh: default for the call's `mesh=` (False = always the local path).
     """
 
@@ -181,7 +181,12 @@ class MoE(nnx.Module):
                            mesh=self.mesh if mesh is None else mesh, placement=placement)
         if self.return_aux:
             return y, aux
-        self.sow(nnx.Intermediate, "aux", aux)
+        # Sown only under nnx.capture (Flax's way to collect intermediates);
+        # outside it the aux is dropped rather than left on the module as
+        # state that would change the model's structure (and that Flax
+        # deprecates).
+        if hasattr(self, "__captures__"):
+            self.sow(nnx.Intermediate, "aux", aux)
         return y
 
     def update_bias(self, aux: MoEAux) -> None:
