@@ -34,6 +34,7 @@ from jmoe.runtime import distributed as dist
 from jmoe.sharding import make_mesh
 from jmoe.sharding.checks import check_layer_on_mesh
 from jmoe.train import checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, step as step_lib
+from jmoe.train import compile_report
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -254,6 +255,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             state = model_lib.compile_init(jax.jit(init, out_shardings=shardings))()
         train_fn, eval_fn = step_lib.jit_steps(shardings, batch_sharding, graphdef, tx,
                                                schedule, scfg)
+        # Compiled here, before the first step, to print its compile time and
+        # XLA's memory analysis (docs/scale.md); the first call reuses it.
+        example_BT1 = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32,
+                                           sharding=batch_sharding)
+        say(compile_report.compile_step(train_fn, state, example_BT1)[1].line())
 
         def evaluate(s: int) -> float:
             t0 = time.perf_counter()
