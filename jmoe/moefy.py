@@ -77,6 +77,10 @@ def moefy(target, cfg: ConfigFor, *, mlp: Any = None, where: Where = None,
                              "jmoe.upcycle_params(...).")
         return linen_class(target, cfg, mlp=mlp, where=where, return_aux=return_aux)
     if isinstance(target, nnx.Module):
+        if mlp is None and where is None:
+            raise ValueError("moefy needs mlp= (the MLP class or a predicate on modules) "
+                             "or where= (a path pattern): with neither it would replace "
+                             "every submodule.")
         if rngs is None:
             raise ValueError("moefy of an NNX model needs rngs=nnx.Rngs(params=...) to "
                              "build the new layers.")
