@@ -106,6 +106,12 @@ class Execution:
         > 1) on the capacity path, the down-projection's all-reduce becomes a
         ring of ppermutes overlapped with the matmul (reduce-scatter) plus an
         all-gather.
+      shadow_experts: FasterMoE's shadow experts on the expert-parallel
+        dropless path: each step, the `s` experts with the most assignments on
+        the whole mesh are computed on every device for that device's own
+        tokens (their weights gathered, their gradients summed back to the
+        owner) instead of sending those tokens (`jmoe.sharding.shadow`).
+        0 = off.
     """
 
     gmm_backend: str = "auto"
@@ -114,6 +120,7 @@ class Execution:
     ep_buckets: tuple = (1.5, 3.0)
     overlap_chunks: int = 1
     collective_matmul: bool = False
+    shadow_experts: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -138,6 +145,9 @@ class Execution:
                   "must be an integer >= 1 (1 = no chunking).", owner)
         if not isinstance(self.collective_matmul, bool):
             _fail("collective_matmul", self.collective_matmul, "must be True or False.", owner)
+        if not isinstance(self.shadow_experts, int) or self.shadow_experts < 0:
+            _fail("shadow_experts", self.shadow_experts,
+                  "must be an integer >= 0 (0 = no shadow experts).", owner)
 
     def ragged(self, backend: str) -> str:
         """The dropless exchange on `backend` (`jax.default_backend()`):
@@ -240,6 +250,14 @@ class MoEConfig:
             _fail("ep_recv_factor", self.ep_recv_factor, "must be >= 0 (0 = worst-case buffer).")
         if not isinstance(self.execution, Execution):
             _fail("execution", self.execution, "must be a jmoe.Execution(...).")
+        shadows = self.execution.shadow_experts
+        if shadows and (self.dispatch != "dropless" or self.router == "expert_choice"):
+            _fail("shadow_experts", shadows, "shadow experts run on the dropless path of a "
+                  "token-choice router: set dispatch='dropless', or shadow_experts=0.",
+                  "Execution")
+        if shadows > self.num_experts:
+            _fail("shadow_experts", shadows,
+                  f"at most num_experts={self.num_experts} experts can be shadowed.", "Execution")
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k,
                   f"top_k cannot exceed num_experts={self.num_experts}; lower top_k "

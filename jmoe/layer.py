@@ -115,7 +115,8 @@ def local_experts_dropless(w: Params, cfg: MoEConfig):
 
 def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
              bias_E: Optional[jax.Array], capacity_experts, dropless_experts,
-             dropless_align: int, placement: Optional[PlacementArrays] = None):
+             dropless_align: int, placement: Optional[PlacementArrays] = None,
+             regroup=None):
     """Route -> plan -> permute -> experts -> un-permute -> combine, on flat tokens.
 
     The expert step is pluggable so the same code runs on one device and
@@ -126,6 +127,9 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     With a `placement`, the groups are its P*S physical slots instead of the E
     experts: each assignment goes to one replica of its expert (the split of
     `jmoe.placement`), and the expert step runs the slots' weights.
+    `regroup(experts_TK) -> (groups_TK, num_groups, dropless_experts)`, when
+    given, decides the groups from the routing instead (shadow experts,
+    `jmoe.sharding.shadow`), with the expert step that runs them.
     Returns (out_TD, `RouterSums` of these tokens, dropped count included).
     """
     t = x_TD.shape[0]
@@ -142,7 +146,10 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
         return out_TD, router_sums(r, cfg.num_experts, untouched_tokens(r.tokens_EC, t))
     e = cfg.num_experts
     groups_TK = r.experts_TK
-    if placement is not None:
+    if regroup is not None:
+        with jax.named_scope("regroup"):
+            groups_TK, e, dropless_experts = regroup(r.experts_TK)
+    elif placement is not None:
         with jax.named_scope("place"):
             groups_TK = place_assignments(r.experts_TK, placement)
             e = placement.slot_expert_PS.size

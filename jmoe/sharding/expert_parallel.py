@@ -27,6 +27,7 @@ from jmoe.sharding.checks import check_layer_on_mesh
 from jmoe.sharding.exchange import capacity_exchange, dropless_exchange
 from jmoe.sharding.mesh import axis_size
 from jmoe.sharding.schedule import after, chunk_bounds
+from jmoe.sharding.shadow import shadow_regroup
 from jmoe.stats import finalize
 
 _OUR_AXES = ("data", "expert", "tensor")
@@ -79,6 +80,9 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
         bias_E = jnp.zeros((cfg.num_experts,), jnp.float32)
 
     def core(x, xr, w_DE, bias, w, placement):
+        regroup = None
+        if cfg.execution.shadow_experts and ep > 1:
+            regroup = shadow_regroup(cfg, w, ep, tp, names, tok, placement)
         return moe_core(
             x, xr, w_DE, cfg, bias,
             capacity_experts=functools.partial(capacity_exchange, w=w, cfg=cfg, ep=ep, tp=tp),
@@ -86,7 +90,7 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
                 buf, counts, w, cfg, ep, tp, names),
             # Rows are sorted per global expert before the exchange; the
             # receiving side pads to `group_align` when it regroups them.
-            dropless_align=1, placement=placement)
+            dropless_align=1, placement=placement, regroup=regroup)
 
     def body(x, xr, w_DE, bias, w, placement):
         if cfg.dispatch == "dropless" and cfg.execution.overlap_chunks > 1:
