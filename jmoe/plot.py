@@ -7,7 +7,10 @@ Writes `loss.png` (train and validation loss over steps, one colour per run),
 `optim.png` (learning rate and gradient norm), and for MoE runs
 `expert_load.png`: one heatmap per MoE layer of each expert's share of the
 token-expert assignments over steps (balanced = 1/E everywhere), plus
-`moe.png` (load-balance loss, router entropy, dropped fraction).
+`moe.png` (load-balance loss, router entropy, dropped fraction). Runs with
+online re-placement (`config.placement.every`) also get `device_load.png`
+(each device's share of the rows, moves dotted) and `busiest_device.png`
+(busiest device / mean under the placement in use and the static layout).
 """
 
 from __future__ import annotations
@@ -102,6 +105,12 @@ def plot_runs(workdirs: list[str], out_dir: str) -> list[str]:
         # The heatmap is per run; with several runs the first one is drawn.
         name, train = next(iter(moe_runs.items()))
         written.append(_expert_load_heatmap(plt, train, out_dir, name))
+        if "device_load" in train[-1]:  # online re-placement: devices, and the moves
+            workdir = next(w for w in workdirs if os.path.basename(os.path.normpath(w)) == name)
+            moves = tuple(read_moves(workdir))
+            written.append(_expert_load_heatmap(plt, train, out_dir, name, key="device_load",
+                                                unit="device", moves=moves))
+            written.append(_busiest_device(plt, train, out_dir, name, moves))
     return written
 
 
@@ -110,10 +119,14 @@ def _series_mean(recs, key):
     return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
 
 
-def _expert_load_heatmap(plt, train: list[dict], out_dir: str, name: str) -> str:
-    recs = [r for r in train if "expert_load" in r]
+def _expert_load_heatmap(plt, train: list[dict], out_dir: str, name: str,
+                         key: str = "expert_load", unit: str = "expert",
+                         moves: tuple = ()) -> str:
+    """One heatmap per MoE layer of `key` ([L, N] shares per record) over
+    steps, relative to an even share; `moves`: steps to mark (re-placements)."""
+    recs = [r for r in train if key in r]
     steps = np.array([r["step"] for r in recs])
-    load_WLE = np.array([r["expert_load"] for r in recs], dtype=float)
+    load_WLE = np.array([r[key] for r in recs], dtype=float)
     n_layers, n_exp = load_WLE.shape[1], load_WLE.shape[2]
     cols = min(n_layers, 4)
     rows = math.ceil(n_layers / cols)
@@ -129,12 +142,44 @@ def _expert_load_heatmap(plt, train: list[dict], out_dir: str, name: str) -> str
         im = ax.imshow((load_WLE[:, layer, :] * n_exp).T, aspect="auto", origin="lower",
                        cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest",
                        extent=(steps[0], steps[-1], -0.5, n_exp - 0.5))
+        for m in moves:
+            ax.axvline(m, color="white", lw=0.8, ls=":")
         ax.set_title(f"MoE layer {layer}")
         ax.set_xlabel("step")
-        ax.set_ylabel("expert")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="load x E (1 = balanced)")
-    fig.suptitle(f"{name}: expert load per MoE layer")
-    return _save(fig, out_dir, "expert_load.png", tight=False)
+        ax.set_ylabel(unit)
+    symbol = "E" if unit == "expert" else "P"
+    fig.colorbar(im, ax=axes, shrink=0.8, label=f"load x {symbol} (1 = balanced)")
+    fig.suptitle(f"{name}: {unit} load per MoE layer"
+                 + (" (dotted: re-placements)" if moves else ""))
+    return _save(fig, out_dir, f"{unit}_load.png", tight=False)
+
+
+def read_moves(workdir: str) -> list[int]:
+    """Steps at which online re-placement moved experts (`metrics.jsonl`)."""
+    out = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("split") == "placement" and r.get("moved"):
+                out.append(r["step"])
+    return sorted(set(out))
+
+
+def _busiest_device(plt, train: list[dict], out_dir: str, name: str, moves) -> str:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(*_series_mean(train, "busiest_device_static"), label="static layout")
+    ax.plot(*_series_mean(train, "busiest_device"), label="placement in use")
+    for m in moves:
+        ax.axvline(m, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("busiest device / mean (mean over layers)")
+    ax.set_title(f"{name}: device load" + (" (dotted: re-placements)" if moves else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out_dir, "busiest_device.png")
 
 
 def _save(fig, out_dir: str, name: str, tight: bool = True) -> str:

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
 from absl import flags
+import numpy as np
 from ml_collections import config_flags
 
 from jmoe.config import Execution, MoEConfig
 from jmoe.model_config import flops_per_token, from_config, param_count_formula
-from jmoe.planner import hardware, search
+from jmoe.planner import hardware, placement_search, search
 from jmoe.planner.step_cost import Setting, StepCost
 
 # The layer's knobs the planner turns, and the config section each lives in:
@@ -52,7 +54,9 @@ def _define(fv: flags.FlagValues, argv: Sequence[str]) -> None:
     flags.DEFINE_integer("devices_per_node", 0, "override the profile's devices per node",
                          flag_values=fv)
     flags.DEFINE_string("load", "uniform",
-                        "expert load: uniform | zipf:S | hot:R | comma list of E weights",
+                        "expert load: uniform | zipf:S | hot:R | comma list of E weights | a "
+                        "run's workdir or metrics.jsonl (its recorded loads: also recommends "
+                        "online re-placement, config.placement)",
                         flag_values=fv)
     flags.DEFINE_float("drop_budget", 0.005, "max expected share of dropped assignments",
                        flag_values=fv)
@@ -278,17 +282,80 @@ def run(argv: Sequence[str]) -> dict:
                          f"{cur.grad_accum_steps} does not split over {devices} devices: "
                          "use a batch size that is a multiple of the device count.")
     backend = "cpu" if hw.name == "cpu-local" else "gpu"
+    load, recorded = fv.load, None
+    if gpt.moe is not None and (os.path.isdir(fv.load) or fv.load.endswith(".jsonl")):
+        recorded = placement_search.map_loads(placement_search.read_recorded_loads(fv.load),
+                                              len(gpt.moe_layers), gpt.moe.num_experts)
+        # The ranking prices every MoE layer with one load: the recorded
+        # loads' mean over windows and layers (expert identities kept).
+        load = recorded.load_WLE.mean(axis=(0, 1)).tolist()
     result = search.rank_settings(gpt, devices=devices, hw=hw, batch_size=batch,
-                                  seq_len=seq_len, current=cur, load=fv.load,
+                                  seq_len=seq_len, current=cur, load=load,
                                   drop_budget=fv.drop_budget, backend=backend)
     result["top"] = fv.top
-    print(report(config, variant, hw, devices, result, fv.load, gpt, seq_len, batch))
+    print(report(config, variant, hw, devices, result, fv.load if recorded is None else
+                 f"recorded in {recorded.source}", gpt, seq_len, batch))
     result["overrides"] = overrides(config, result["best"].setting, devices)
+    if recorded is not None:
+        # Placement for the recommended plan; if it has no expert
+        # parallelism, for the current one (say which).
+        plan, which = result["best"], "recommended"
+        if plan.setting.ep == 1 and result["current"].setting.ep > 1:
+            plan, which = result["current"], "current"
+        micro = plan.setting.grad_accum_steps
+        result["placement"] = placement_search.placement_options(
+            gpt.moe, recorded, ep=plan.setting.ep, hw=hw, micro_batches=micro,
+            tokens_per_device=batch * seq_len // micro // devices,
+            param_dtype=gpt.param_dtype)
+        print(placement_report(result["placement"], recorded, plan.time, fv.top,
+                               f"{which} plan ({describe(plan.setting)})"))
+        result["overrides"] += placement_overrides(result["placement"])
     result["config"] = cfg_name
     if fv.json:
         with open(fv.json, "w") as fh:
             json.dump(_jsonable(result), fh, indent=2)
     return result
+
+
+def placement_overrides(options: list) -> list:
+    """The best replayed option as `--config.placement.*` flags (none if no gain)."""
+    if not options or options[0].net_per_step_s <= 0:
+        return []
+    r = options[0].replay
+    if r.shadows:
+        return [f"--config.execution.shadow_experts={r.shadows}"]
+    return [f"--config.placement.every={r.every}", f"--config.placement.spare_slots={r.spare_slots}"]
+
+
+def placement_report(options: list, rec, step_s: float, top: int, plan: str) -> str:
+    """The online re-placement section of the report (`--load` a recorded run)."""
+    lines = ["", f"Online expert re-placement for the {plan}, replayed on the "
+             f"{len(rec.steps_W)} recorded windows (steps {rec.steps_W[0]}-{rec.steps_W[-1]}) "
+             f"of {rec.source}:"]
+    if rec.mapping:
+        lines.append(f"  loads mapped onto this model: {rec.mapping}")
+    if not options:
+        lines.append("  (no expert parallelism in the recommended plan: nothing to place)")
+        return "\n".join(lines)
+    lines += ["| option | busiest device / mean, static -> placed "
+              "| saved ms | sync ms | moves ms | net ms per step | predicted step s |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for o in options[:max(top, 1) * 2]:
+        r = o.replay
+        option = (f"{r.shadows} shadow expert(s)" if r.shadows else
+                  f"{r.spare_slots} spare slot(s)/device, every {r.every} steps")
+        lines.append(
+            f"| {option} | {np.mean(r.busiest_static_L):.2f} -> "
+            f"{np.mean(r.busiest_placed_L):.2f} | {_ms(o.saved_per_step_s)} | "
+            f"{_ms(o.sync_per_step_s)} | {_ms(o.move_per_step_s)} | {_ms(o.net_per_step_s)} | "
+            f"{step_s - o.net_per_step_s:.3f} |")
+    ovr = placement_overrides(options)
+    lines += ["", "Re-placement: " + (" ".join(ovr) + f" (predicted step {step_s:.3f} s -> "
+                                      f"{step_s - options[0].net_per_step_s:.3f} s)" if ovr else
+                                      "keep the static layout (no option gains here)"),
+              "  (sync: replicas' gradient all-reduce, or the shadows' weight and gradient "
+              "all-reduces; moves amortised over the recorded steps)"]
+    return "\n".join(lines)
 
 
 def _jsonable(result: dict) -> dict:

@@ -443,3 +443,32 @@ def placement_price(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
     move = (ring_gather(state_copies * num_slots * matrix, ep, spans, hw)
             if moved_slots else 0.0)
     return PlacementPrice(gain, sync, move)
+
+
+def shadowed_device_loads(load_E: Sequence[float], ep: int, shadows: int) -> list:
+    """Each device's share of the rows when the `shadows` most loaded experts
+    are computed where their tokens are (spread evenly, `jmoe.sharding.shadow`)
+    and the rest stay with their owners (static layout)."""
+    hot = set(sorted(range(len(load_E)), key=lambda e: (-load_E[e], e))[:shadows])
+    el = len(load_E) // ep
+    spread = sum(load_E[e] for e in hot) / ep
+    return [spread + sum(load_E[e] for e in range(p * el, (p + 1) * el) if e not in hot)
+            for p in range(ep)]
+
+
+def shadow_price(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *, busiest_before: float,
+                 busiest_after: float, shadows: int, dtype: Optional[str] = None,
+                 param_dtype: str = "float32") -> PlacementPrice:
+    """Prices shadowing `shadows` experts in one layer for one step: the
+    busiest device's expert compute saved, against the all-reduce that
+    gathers their weights (forward) and the one that sums their gradients
+    (backward). Nothing moves between steps (`move` = 0)."""
+    prim = Prim(hw, dtype or moe.dtype)
+    el = max(1, moe.num_experts // max(ep, 1))
+    mats = moe.expert_matrices
+    fwd, bwd = expert_compute(tokens * moe.top_k, el, moe.d_model, moe.d_ff, mats, prim)
+    gain = max(0.0, busiest_before - busiest_after) * (fwd + bwd)
+    matrix = mats * moe.d_model * moe.d_ff * dtype_bytes(param_dtype)
+    spans = ep > hw.devices_per_node
+    sync = 2 * ring_allreduce(shadows * matrix, ep, spans, hw) if shadows else 0.0
+    return PlacementPrice(gain, sync, 0.0)
