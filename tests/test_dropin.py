@@ -205,11 +205,25 @@ def test_nnx_jitter_follows_train_eval_and_the_rngs_stream():
     assert float(jnp.max(jnp.abs(c - clean))) > 1e-3
 
 
-def test_nnx_weights_carry_logical_axes():
-    layer = jmoe.MoE(_cfg(), rngs=nnx.Rngs(params=0))
+def test_nnx_weights_carry_logical_axes_that_flax_places_on_a_mesh(monkeypatch):
+    cfg = _cfg(num_experts=8)
+    layer = jmoe.MoE(cfg, rngs=nnx.Rngs(params=0))
     specs = nnx.get_partition_spec(nnx.state(layer, nnx.Param))
     assert specs["experts"]["w_gate_EDF"].get_value() == P("expert", "embed", "mlp")
     assert specs["router"]["w_DE"].get_value() == P("embed", None)
+    x = _x((2, 8, D))
+    local = layer(x)[0]
+    mesh = jax.make_mesh((2, 4), ("data", "expert"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    state = nnx.state(layer)
+    shardings = nn.logical_to_mesh_sharding(nnx.get_partition_spec(state), mesh,
+                                            jmoe.axis_rules(mesh))
+    nnx.update(layer, jax.device_put(state, shardings))
+    assert layer.experts.w_down_EFD[...].sharding.spec == P("expert", None, None)
+    calls = _spy_ep(monkeypatch)
+    with jax.set_mesh(mesh):
+        _close(nnx.jit(lambda m, x: m(x)[0])(layer, x), local)
+    assert calls, "the layer did not run expert-parallel"
 
 
 # ------------------------------------------------- aux the Flax way ----
