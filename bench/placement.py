@@ -14,17 +14,29 @@ the rows are layouts of the same layer (the same function, forward and
 gradients):
 
   static         no placement: expert e on device e // (E/8)
-  static, placed path  `placement=Placement.static(E, 8).as_arrays()`: the
-                 static layout through the placed code path, so its time is
-                 the cost of that path (weights gathered into slot order,
-                 rows assigned to replicas) with no change of balance
-  re-placed      `jmoe.balance.balance(load_E, 8, E/8)`: R = 0 redundant slots
-  re-placed+R=8  `balance(load_E, 8, E/8 + 1)`: one spare slot per device
+  static, placed path  `placement=Placement.static(E, 8).as_arrays()` with the
+                 weights in slot order (`params["slots"]`): the static layout
+                 through the placed code path, so its time is the cost of
+                 that path (rows assigned to replicas) with no change of balance
+  re-placed      `jmoe.balance.balance(load_E, 8, E/8)`: R = 0 redundant
+                 slots, weights in slot order
+  re-placed+R=8  `balance(load_E, 8, E/8 + 1)`: one spare slot per device,
+                 weights in slot order (replicas tied: their gradients summed)
+  re-placed+R=8, gathered  the same placement with the weights left in
+                 logical order, gathered into slot order on every call (an
+                 all-gather of every expert and an all-reduce of their
+                 gradients): the path that slot-ordered storage replaces
+  shadowed s=1/2 static layout with `Execution.shadow_experts=s` (FasterMoE):
+                 the step's s hottest experts computed on every device for its
+                 own tokens; dropless only, so no capacity columns
 
 both chosen from the loads MEASURED on this batch (`aux.expert_load` of the
 static layer). R = ep/2 = 4 cannot be expressed: every device has the same
-number of slots, so R is a multiple of ep. Shadow experts (FasterMoE) are not
-implemented, so they have no row.
+number of slots, so R is a multiple of ep. 
+A move (`--move`, on by default): the trainer's re-placement step
+(`jmoe.train.rebalance.reindex_experts`) on one layer's expert weights and
+two Adam moments in slot order, from the placement of the 2x routing to that
+of the 3x routing, timed against the balanced static layer's forward+backward.
 
 Columns:
   busiest device / mean   rows each device computes, from
@@ -48,12 +60,12 @@ Columns:
 The 8 devices share the machine's cores, so a CPU time follows the total
 work (and the bucket), not the busiest device: time differences here
 understate what balance gains on GPUs, where the step waits for the busiest
-device. The placed layer also all-gathers expert weights into slot order on
-every call (see docs/placement.md); that cost is in the times.
+device.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -69,18 +81,19 @@ import jmoe  # noqa: E402
 from jmoe import routing  # noqa: E402
 from jmoe.balance import balance  # noqa: E402
 from jmoe.layer import place_assignments  # noqa: E402
-from jmoe.placement import Placement  # noqa: E402
+from jmoe.placement import Placement, move_source, to_slots  # noqa: E402
 from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
 
 EP = 8
-LAYOUTS = ("static", "static, placed path", "re-placed", "re-placed+R=8")
+LAYOUTS = ("static", "static, placed path", "re-placed", "re-placed+R=8",
+           "re-placed+R=8, gathered", "shadowed s=1", "shadowed s=2")
+SHADOWS = {"shadowed s=1": 1, "shadowed s=2": 2}
+GATHERED = "re-placed+R=8, gathered"
 NOTES = [
     "R = ep/2 = 4 redundant slots cannot be expressed: every device has the same "
     "number of slots S, so R = ep*S - E is a multiple of ep.",
-    "Shadow experts (FasterMoE) are not implemented: no row.",
-    "The recorded loads of the default training run (a fixture) are not included.",
-    "The placed layer all-gathers expert weights into slot order on every call; "
-    "its times include that.",
+    "Placed rows keep the weights in slot order (params['slots']) except the "
+    "'gathered' row, which gathers logical-order weights into slots on every call.",
     "8 virtual devices share the CPU's cores: times follow the total work and the "
     "exchange bucket, not the busiest device, so they understate GPU gains.",
 ]
@@ -144,14 +157,30 @@ def exchange(cfg, experts_TK: np.ndarray, place: Placement) -> dict:
     all-to-all), mean over devices, against T_local*K*(ep-1)/ep; the bucket
     the dense emulation takes; rows each device computes (the integer split
     per source shard, as the layer does it)."""
+    arrays, s = place.as_arrays(), place.slots_per_device
+    return _pair_stats(cfg, experts_TK, lambda src, mine_TK: np.asarray(
+        place_assignments(jnp.asarray(mine_TK), arrays)).reshape(-1) // s)
+
+
+def exchange_shadowed(cfg, experts_TK: np.ndarray, shadows: int) -> dict:
+    """`exchange` for shadow experts on the static layout: the batch's
+    `shadows` most-assigned experts stay on each source device, the rest go
+    to their owners (expert e on device e // (E/ep))."""
+    el = cfg.num_experts // EP
+    counts = np.bincount(experts_TK.reshape(-1), minlength=cfg.num_experts)
+    hot = np.argsort(-counts, kind="stable")[:shadows]
+    return _pair_stats(cfg, experts_TK, lambda src, mine_TK: np.where(
+        np.isin(mine_TK, hot), src, mine_TK // el).reshape(-1))
+
+
+def _pair_stats(cfg, experts_TK: np.ndarray, dest_of) -> dict:
+    """The exchange's statistics when `dest_of(src, experts_TK of src's
+    shard)` gives the device of each of its assignments."""
     t_local = experts_TK.shape[0] // EP
     a_local = t_local * cfg.top_k
-    arrays = place.as_arrays()
-    s = place.slots_per_device
     sent, pair_PP = [], np.zeros((EP, EP), np.int64)
     for src in range(EP):
-        mine = jnp.asarray(experts_TK[src * t_local:(src + 1) * t_local])
-        dest = np.asarray(place_assignments(mine, arrays)).reshape(-1) // s
+        dest = dest_of(src, experts_TK[src * t_local:(src + 1) * t_local])
         pair_PP[src] = np.bincount(dest, minlength=EP)
         sent.append(int(np.sum(dest != src)))
     minimum = a_local * (EP - 1) / EP
@@ -172,12 +201,16 @@ def exchange(cfg, experts_TK: np.ndarray, place: Placement) -> dict:
 def fwd_bwd_fns(cfg, mesh) -> dict:
     """{layout: fwd+bwd jit}: one per slot count, reused across routings (a
     placement is data, so another placement of the same sizes reuses it)."""
-    static = lambda x, p, b: jmoe.moe_apply(p, x, cfg, bias=b, mesh=mesh)[0]
+    static = lambda c: lambda x, p, b: jmoe.moe_apply(p, x, c, bias=b, mesh=mesh)[0]
     placed = lambda x, p, b, arr: jmoe.moe_apply(p, x, cfg, bias=b, mesh=mesh, placement=arr)[0]
     same_slots = harness.fwd_bwd(placed, diff_args=2)
-    return {"static": harness.fwd_bwd(static, diff_args=2),
-            "static, placed path": same_slots, "re-placed": same_slots,
-            "re-placed+R=8": harness.fwd_bwd(placed, diff_args=2)}
+    spare = harness.fwd_bwd(placed, diff_args=2)
+    fns = {"static": harness.fwd_bwd(static(cfg), diff_args=2),
+           "static, placed path": same_slots, "re-placed": same_slots,
+           "re-placed+R=8": spare, GATHERED: harness.fwd_bwd(placed, diff_args=2)}
+    for layout, s in SHADOWS.items():
+        fns[layout] = harness.fwd_bwd(static(cfg.with_execution(shadow_experts=s)), diff_args=2)
+    return fns
 
 
 def capacity_fns(cfg, mesh, cf: float) -> dict:
@@ -189,9 +222,10 @@ def capacity_fns(cfg, mesh, cf: float) -> dict:
     static = jax.jit(lambda x, p, b: stats(jmoe.moe_apply(p, x, cap, bias=b, mesh=mesh)[1]))
     placed = lambda: jax.jit(lambda x, p, b, arr: stats(
         jmoe.moe_apply(p, x, cap, bias=b, mesh=mesh, placement=arr)[1]))
-    same_slots = placed()
+    same_slots, spare = placed(), placed()
+    # Shadow experts run on the dropless path only: no capacity row.
     return {"static": static, "static, placed path": same_slots, "re-placed": same_slots,
-            "re-placed+R=8": placed()}
+            "re-placed+R=8": spare, GATHERED: spare}
 
 
 def run_experts(a, num_experts: int, mesh) -> dict:
@@ -216,10 +250,19 @@ def run_experts(a, num_experts: int, mesh) -> dict:
 
     slots = {"static": num_experts // EP, "static, placed path": num_experts // EP,
              "re-placed": num_experts // EP,
-             "re-placed+R=8": num_experts // EP + 1}
+             "re-placed+R=8": num_experts // EP + 1, GATHERED: num_experts // EP + 1,
+             **{layout: num_experts // EP for layout in SHADOWS}}
+    expert_sharding = NamedSharding(mesh, P("expert"))
+
+    def layer_params(layout, place):
+        """Logical-order weights for the static and gathered rows, else slot order."""
+        if layout in ("static", GATHERED) or layout in SHADOWS:
+            return sharded
+        return {"router": sharded["router"],
+                "slots": jax.device_put(to_slots(params["experts"], place), expert_sharding)}
     caps = {cf: capacity_fns(cfg, mesh, cf) for cf in a.cfs}
     layer = fwd_bwd_fns(cfg, mesh)
-    timed, results = {}, {}
+    timed, results, places = {}, {}, {}
     for name, (bias, achieved) in routings.items():
         bias = jax.device_put(jnp.asarray(bias, jnp.float32), rep)
         # The measured loads: the static layer's aux.expert_load on this batch.
@@ -230,31 +273,65 @@ def run_experts(a, num_experts: int, mesh) -> dict:
         rows = {}
         for layout in LAYOUTS:
             t0 = time.perf_counter()
-            place = (Placement.static(num_experts, EP) if layout.startswith("static")
+            place = (Placement.static(num_experts, EP)
+                     if layout.startswith("static") or layout in SHADOWS
                      else balance(load_E, EP, slots[layout]))
             balance_s = time.perf_counter() - t0
             # Uncommitted (default device), as jmoe's tests pass them: arrays
             # replicated on the mesh with a NamedSharding fail inside the
             # layer's shard_map (an Auto-mesh sharding in a Manual context).
-            arrays = None if layout == "static" else place.as_arrays()
+            arrays = (None if layout == "static" or layout in SHADOWS
+                      else place.as_arrays())
             extra = () if arrays is None else (arrays,)
-            dropped = {f"{cf:g}": float(caps[cf][layout](x, sharded, bias, *extra)[0])
-                       for cf in a.cfs}
+            p_layout = layer_params(layout, place)
+            if layout in SHADOWS:
+                dropped = {f"{cf:g}": float("nan") for cf in a.cfs}
+                ex = exchange_shadowed(cfg, experts_TK, SHADOWS[layout])
+            else:
+                dropped = {f"{cf:g}": float(caps[cf][layout](x, p_layout, bias, *extra)[0])
+                           for cf in a.cfs}
+                ex = exchange(cfg, experts_TK, place)
             rows[layout] = {
                 "slots_per_device": slots[layout], "redundant": place.num_redundant,
-                "busiest_device": place.imbalance(load_E),
-                "dropped": dropped, **exchange(cfg, experts_TK, place),
+                "busiest_device": (ex["busiest_device_split"] if layout in SHADOWS
+                                   else place.imbalance(load_E)),
+                "dropped": dropped, **ex,
                 "balance_s": 0.0 if layout.startswith("static") else balance_s}
-            timed[(name, layout)] = (layer[layout], (ct, x, sharded, bias) + extra)
+            timed[(name, layout)] = (layer[layout], (ct, x, p_layout, bias) + extra)
+            places[(name, layout)] = place
         results[name] = {"busiest_expert": achieved,
                          "measured_busiest_expert": float(load_E.max() / load_E.mean()),
                          "load_E": load_E.tolist(), "rows": rows}
 
+    if a.move and len(a.skews) >= 2:
+        # One move of a layer's expert state (weights + Adam's mu and nu, in
+        # slot order) between the placements of the two skews, as the trainer
+        # runs it; timed next to the layer's fwd+bwd.
+        src_name, dst_name = f"{a.skews[0]:g}x", f"{a.skews[1]:g}x"
+        old, new = places[(src_name, "re-placed+R=8")], places[(dst_name, "re-placed+R=8")]
+        state = {k: jax.device_put(jnp.stack([v] * 3), NamedSharding(mesh, P(None, "expert")))
+                 for k, v in to_slots(params["experts"], old).items()}
+        move = jax.jit(lambda st, src: {k: jnp.take(v, src, axis=1) for k, v in st.items()},
+                       out_shardings=NamedSharding(mesh, P(None, "expert")))
+        src = jnp.asarray(move_source(old, new))
+        moved_slots = int(np.sum(old.slot_expert_PS != new.slot_expert_PS))
+        timed[("move", "R=8 weights+moments")] = (move, (state, src))
     print(f"\nE={num_experts}: timing {len(timed)} variants, {a.repeats} interleaved rounds",
           flush=True)
     samples = harness.sample_interleaved(timed, a.repeats)
     ref = ("balanced", "static")
+    move_row = None
+    if ("move", "R=8 weights+moments") in timed:
+        key = ("move", "R=8 weights+moments")
+        move_row = {"median_s": float(np.median(samples[key]["wall"])),
+                    "vs_balanced_static": harness.paired_ratio(samples, key, ref),
+                    "moved_slots": moved_slots, "slots": new.num_slots}
+        print(f"\nE={num_experts}: one move ({moved_slots} of {new.num_slots} slots change "
+              f"expert; weights + 2 moments) {1e3 * move_row['median_s']:.1f} ms = "
+              f"{move_row['vs_balanced_static']:.2f}x the balanced static layer's fwd+bwd")
     for (name, layout) in timed:
+        if name == "move":
+            continue
         row = results[name]["rows"][layout]
         row["median_s"] = float(np.median(samples[(name, layout)]["wall"]))
         row["vs_balanced_static"] = harness.paired_ratio(samples, (name, layout), ref)
@@ -264,7 +341,7 @@ def run_experts(a, num_experts: int, mesh) -> dict:
         print(f"\nE={num_experts}, routing {name}: busiest expert / mean "
               f"{res['measured_busiest_expert']:.2f} (measured)")
         print_table(res["rows"], a.cfs)
-    return {"E": num_experts, "routings": results}
+    return {"E": num_experts, "routings": results, "move": move_row}
 
 
 def print_table(rows: dict, cfs) -> None:
@@ -274,7 +351,8 @@ def print_table(rows: dict, cfs) -> None:
     body = []
     for layout, r in rows.items():
         body.append([f"{layout} (S={r['slots_per_device']})", f"{r['busiest_device']:.2f}"]
-                    + [f"{100 * r['dropped'][f'{cf:g}']:.1f}%" for cf in cfs]
+                    + [f"{100 * r['dropped'][f'{cf:g}']:.1f}%"
+                       if np.isfinite(r["dropped"][f"{cf:g}"]) else "n/a" for cf in cfs]
                     + [f"{r['ragged_vs_min']:.2f}x", r["cpu_bucket"],
                        f"{r['vs_balanced_static']:.2f}x"])
     harness.print_markdown(header, body)
@@ -292,6 +370,8 @@ def main(argv=None):
                    help="busiest expert / mean of the skewed routings")
     p.add_argument("--cfs", type=float, nargs="+", default=[1.0, 1.25],
                    help="capacity factors of the dropped-fraction columns")
+    p.add_argument("--move", action=argparse.BooleanOptionalAction, default=True,
+                   help="time one move of weights and moments between two placements")
     a = p.parse_args(argv)
     mesh = make_mesh(data=1, expert=EP)
     print(f"platform={jax.default_backend()} mesh data=1 expert={EP} "
