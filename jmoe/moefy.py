@@ -214,8 +214,11 @@ def linen_interceptor(cfg: ConfigFor, mlp: type, where: Where = None,
         if rest:
             raise TypeError(f"moefy: {type(module).__name__} at {path} was called with "
                             f"{len(args)} positional arguments; an MoE takes one (x).")
-        keep = {k: v for k, v in kwargs.items() if k in ("deterministic", "train")}
-        return layer(x, **keep)
+        other = sorted(set(kwargs) - {"deterministic", "train"})
+        if other:
+            raise TypeError(f"moefy: {type(module).__name__} at {path} was called with "
+                            f"{other}; an MoE takes x and deterministic=/train= only.")
+        return layer(x, **kwargs)
 
     return nn.intercept_methods(intercept)
 

@@ -229,3 +229,23 @@ def test_linen_upcycled_params_equal_the_dense_model():
     with pytest.raises(ValueError, match="matched no path"):
         jmoe.upcycle_params(dense_vars["params"], cfg, where="blocks/1/mlp",
                             dense_weights=_linen_mlp_weights, key=jax.random.key(1))
+
+
+def test_moefy_refuses_what_it_cannot_replace_faithfully():
+    with pytest.raises(ValueError, match="neither it would replace every submodule"):
+        jmoe.moefy(LM(rngs=nnx.Rngs(0)), _cfg(), rngs=nnx.Rngs(params=1))
+
+    class Gated(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, decode=False):
+            return nn.Dense(x.shape[-1])(x)
+
+    class Host(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Gated(name="mlp")(x, decode=True)
+
+    with pytest.raises(TypeError, match=r"called with \['decode'\]"):
+        jmoe.moefy(Host, _cfg(), mlp=Gated)().init(jax.random.key(0), jnp.ones((2, D)))
+    with pytest.raises(ValueError, match="needs mlp="):
+        jmoe.moefy(Host, _cfg())
