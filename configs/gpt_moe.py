@@ -157,6 +157,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.max_time_s = 0.0  # stop (with a checkpoint) after this much training time; 0: off
+    # Faults (docs/reliability.md). By default each stops the run with a
+    # message naming the fix; these choose otherwise, deliberately.
+    c.on_save_error = "stop"  # a save fails (disk full, permission, I/O): stop | skip (warn, retry next interval)
+    c.allow_data_change = False  # resume although the data differ from the checkpoint's fingerprint
+    c.restart_if_all_damaged = False  # every checkpoint damaged: set them aside, train from step 0
+    c.takeover_lock = False  # take the workdir from the run named in its lock (known to be dead)
 
     # Mesh sizes; one may be -1 (the remaining devices). Tokens are sharded
     # over ('data', 'expert'), expert weights over 'expert' (E) and 'tensor' (F).

@@ -66,6 +66,7 @@ import traceback
 from typing import Iterator, Mapping, Optional, Sequence
 
 import jax
+from jax._src import distributed as _jax_distributed  # the job's coordinator address
 from jax.experimental import multihost_utils
 
 # A process silent this long is declared dead and the job aborts. JAX's
@@ -310,6 +311,17 @@ def initialize(coordinator_address: Optional[str] = None,
         spec = dataclasses.replace(spec, num_processes=jax.process_count(),
                                    process_id=jax.process_index())
     return spec
+
+
+def coordinator_address() -> Optional[str]:
+    """host:port of the joined job's coordinator; None when not a multi-process job.
+
+    Read from JAX's distributed state (JAX keeps no public accessor): the
+    address every process of the job connected to, so it names the job.
+    """
+    if not jax.distributed.is_initialized():
+        return None
+    return _jax_distributed.global_state.coordinator_address
 
 
 _stop_requested = False

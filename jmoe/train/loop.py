@@ -27,6 +27,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jmoe import model as model_lib, model_config
 from jmoe.config import Execution, FieldError
@@ -34,6 +35,7 @@ from jmoe.runtime import distributed as dist
 from jmoe.sharding import make_mesh
 from jmoe.sharding.checks import check_layer_on_mesh
 from jmoe.train import checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, step as step_lib
+from jmoe.train import workdir_lock
 from jmoe.train import compile_report
 
 
@@ -86,6 +88,13 @@ def validate_config(config: ml_collections.ConfigDict) -> model_config.GPTConfig
     fsdp = config.mesh.get("fsdp", False)
     if not isinstance(fsdp, bool):
         _fail("mesh.fsdp", fsdp, "must be a bool: --config.mesh.fsdp=true or false.")
+    if config.on_save_error not in checkpoint.SAVE_ERROR_POLICIES:
+        _fail("on_save_error", config.on_save_error,
+              f"choose one of {checkpoint.SAVE_ERROR_POLICIES}: 'stop' ends the run when a "
+              "checkpoint cannot be written, 'skip' warns and retries at the next interval.")
+    for f in ("allow_data_change", "restart_if_all_damaged", "takeover_lock"):
+        if not isinstance(config[f], bool):
+            _fail(f, config[f], f"must be a bool: --config.{f}=true or false.")
     if gpt.execution.fsdp_collective_matmul and not fsdp:
         # Without FSDP the weights are replicated: there is nothing to gather.
         _fail("execution.fsdp_collective_matmul", True,
@@ -129,6 +138,51 @@ def _check_same_model(saved: dict, config) -> None:
                 f"({saved.get(k)!r}): use a new --workdir, or the checkpoint's value.")
 
 
+def _resume(mgr, abstract: Any, config, fingerprint: dict, say) -> Optional[checkpoint.Restored]:
+    """The newest intact checkpoint (None: none yet), damaged newer ones set
+    aside with a message; ConfigError when the config or the data do not fit
+    it, or when every checkpoint is damaged (unless told to start over)."""
+    def fits(step: int, saved, record: Optional[dict]) -> None:
+        try:
+            _check_same_model(saved.model.to_dict(), config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        change = data.fingerprint_change(record["data"], fingerprint) if record else ""
+        if change and not config.allow_data_change:
+            raise ConfigError(
+                f"the data differ from what the checkpoint of step {step} in {mgr.directory} "
+                f"was trained on ({change}; now {config.data.source} "
+                f"{config.data.path or ''}): point config.data at that data, use a new "
+                "--workdir, or rerun with --config.allow_data_change=true to go on "
+                "deliberately with these data.")
+        if change:
+            say(f"warning: the data differ from the checkpoint's ({change}); resuming on "
+                "them (config.allow_data_change).")
+
+    try:
+        restored = checkpoint.restore_intact(mgr, abstract, check=fits)
+    except checkpoint.NoIntactCheckpoint as e:
+        why = checkpoint.describe_skipped(e.args[0])
+        if not config.restart_if_all_damaged:
+            raise ConfigError(
+                f"every checkpoint in {mgr.directory} is damaged: {why}. Nothing to resume "
+                "from: restore them from a copy, or rerun with "
+                "--config.restart_if_all_damaged=true to move them to "
+                f"{checkpoint.DAMAGED_DIR}/ and train from step 0.") from None
+        aside = checkpoint.set_aside(mgr, e.args[0])
+        say(f"checkpoint: every step was damaged: {why}; moved to {aside}; training from "
+            "step 0 (config.restart_if_all_damaged).")
+        return None
+    if restored is not None and restored.skipped:
+        aside = checkpoint.set_aside(mgr, restored.skipped)
+        say(f"checkpoint: skipped damaged {checkpoint.describe_skipped(restored.skipped)}; "
+            f"moved to {aside}; resuming from step {restored.step}, the newest intact one.")
+    if restored is not None and restored.integrity is None:
+        say(f"checkpoint: step {restored.step} has no integrity record (written by an older "
+            "jmoe): restored without checking its contents or its data.")
+    return restored
+
+
 class _Preempted:
     """SIGTERM (SLURM preemption, `kill`) -> save at the next step and exit.
 
@@ -165,6 +219,43 @@ class _Preempted:
             signal.signal(signal.SIGTERM, self.prev)
 
 
+def _hold_workdir(workdir: str, config, say) -> Optional[workdir_lock.Lock]:
+    """Process 0 takes the workdir's lock; every process learns whether it did,
+    the others check they see it. ConfigError (on every process) if another
+    run holds it."""
+    multi = jax.process_count() > 1
+    coordinator = dist.coordinator_address()
+    lock, refused = None, ""
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_lock.acquire(workdir, takeover=config.takeover_lock,
+                                        coordinator=coordinator,
+                                        num_processes=jax.process_count(), log=say)
+        except workdir_lock.WorkdirBusy as e:
+            refused = str(e)
+    if multi:
+        # One answer on every process: a process that stops alone would leave
+        # the others waiting for it in the first collective.
+        if not multihost_utils.broadcast_one_to_all(np.int32(not refused)):
+            refused = refused or ("another run holds the workdir (process 0 could not take "
+                                  "its lock; see process 0's log).")
+        else:
+            if jax.process_index() != 0:
+                try:
+                    workdir_lock.check_held(workdir, coordinator)
+                except workdir_lock.WorkdirBusy as e:
+                    refused = str(e)
+            seen = multihost_utils.process_allgather(np.int32(not refused))
+            if not np.all(seen) and not refused:
+                refused = (f"process(es) {list(np.flatnonzero(seen == 0))} do not see the "
+                           "workdir lock process 0 took: see their logs.")
+    if refused:
+        if lock is not None:
+            lock.release()
+        raise ConfigError(refused)
+    return lock
+
+
 def maybe_initialize_distributed(**options) -> None:
     """Joins a multi-process job when the environment or `options` describe one.
 
@@ -196,6 +287,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
+    def say(msg: str) -> None:
+        if is_main:
+            print(msg, flush=True)
+
+    lock = _hold_workdir(workdir, config, say)  # before anything touches the checkpoints
+
+
     scfg = step_lib.step_config(config)
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     schedule = step_lib.make_schedule(config.opt, config.total_steps)
@@ -209,6 +307,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     mgr = checkpoint.manager(workdir, every=config.checkpoint_every,
                              keep=config.keep_checkpoints,
                              async_save=config.async_checkpointing)
+    # A failed save is the user's to fix (space, permissions): one line, no traceback.
+    saver = checkpoint.Saver(mgr, config.on_save_error, warn=say, error=ConfigError)
+    fingerprint = data.fingerprint(corpus, config.data)
     seq_len, batch = config.data.seq_len, config.batch_size
     rows = data.local_rows(batch_sharding, batch, seq_len)
     train_it = data.train_iterator(corpus.train, seq_len=seq_len, global_batch=batch,
@@ -241,15 +342,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         return rep
 
     with jax.set_mesh(mesh):
-        latest = mgr.latest_step()
-        if latest is not None:
-            saved_cfg = checkpoint.restore_config(workdir, latest)[1]
-            try:
-                _check_same_model(saved_cfg.model.to_dict(), config)
-            except ValueError as e:
-                raise ConfigError(str(e)) from e
-            start, state, data_state = checkpoint.restore(mgr, abstract_with(abstract, shardings))
-            train_it.set_state(data_state)
+        try:
+            restored = _resume(mgr, abstract_with(abstract, shardings), config, fingerprint, say)
+        except ConfigError:
+            if lock is not None:
+                lock.release()  # the user's to fix; the next launch finds the workdir free
+            raise
+        if restored is not None:
+            start, state = restored.step, restored.state
+            train_it.set_state(restored.data_state)
         else:
             start = 0
             state = model_lib.compile_init(jax.jit(init, out_shardings=shardings))()
@@ -286,10 +387,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             m = jax.device_get(m)
             for key in ("loss", "grad_norm"):  # a NaN gradient poisons the next state
                 if not math.isfinite(float(m[key])):
+                    kept = mgr.latest_step()
                     raise NonFiniteLoss(
-                        f"{key} is {float(m[key])} at step {s}: stopping; the last good "
-                        f"checkpoint (step {mgr.latest_step()}) in {mgr.directory} is "
-                        "untouched.")
+                        f"{key} is {float(m[key])} at step {s}: stopping; " + (
+                            f"the last good checkpoint (step {kept}) in {mgr.directory} is "
+                            "untouched." if kept is not None else
+                            f"there is no checkpoint yet (the first is due at step "
+                            f"{config.checkpoint_every}), so a rerun starts from step 0."))
             rep.add(s, m)
             if first:  # the first step includes compilation: keep it out of tok/s
                 first = False
@@ -317,7 +421,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                 if step % config.eval_every == 0 or last:
                     val_loss = evaluate(step)  # its time is left out of tok/s
                 if step % config.checkpoint_every == 0 or last:
-                    checkpoint.save(mgr, step, state, train_it.get_state(), config, force=last)
+                    saver.save(step, state, train_it.get_state(), config,
+                               checkpoint.integrity_record(step, state, fingerprint), final=last)
                 if last:
                     break
             drain()
@@ -325,9 +430,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             rep.close()
             raise
         finally:
-            mgr.wait_until_finished()  # a save in flight completes even when we stop
-            mgr.close()
-            preempt.restore()
+            try:
+                saver.finish()  # a save in flight completes even when we stop
+            finally:
+                mgr.close()
+                preempt.restore()
+                if lock is not None:
+                    lock.release()
             rep.flush(step)
 
     wall = time.time() - t_start
