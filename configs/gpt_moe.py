@@ -104,6 +104,7 @@ def _execution(**kw) -> ml_collections.ConfigDict:
         ep_buckets=(1.5, 3.0),  # smaller dropless buffers picked at run time (x balanced load)
         overlap_chunks=1,  # chunks of all-to-all/expert pipelining (Tutel overlap degree)
         collective_matmul=False,  # ring reduce-scatter for expert tensor parallelism
+        shadow_experts=0,  # FasterMoE: the step's s hottest experts computed on every device
     )
     e.update(kw)
     return ml_collections.ConfigDict(e)
@@ -163,6 +164,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.allow_data_change = False  # resume although the data differ from the checkpoint's fingerprint
     c.restart_if_all_damaged = False  # every checkpoint damaged: set them aside, train from step 0
     c.takeover_lock = False  # take the workdir from the run named in its lock (known to be dead)
+
+    # Online expert re-placement (docs/placement.md): experts and their Adam
+    # moments in slot order, re-placed from the recorded loads every N steps.
+    c.placement = ml_collections.ConfigDict(dict(
+        every=0,  # re-place every N steps; 0: off (static layout)
+        spare_slots=0,  # redundant slots per device, for replicas of hot experts
+        policy="cost_model",  # cost_model: move when the planner says it pays | always
+        hardware="auto",  # planner profile that prices the decision (auto: this GPU, else h100)
+    ))
 
     # Mesh sizes; one may be -1 (the remaining devices). Tokens are sharded
     # over ('data', 'expert'), expert weights over 'expert' (E) and 'tensor' (F).

@@ -226,20 +226,19 @@ def test_linen_adapter_equals_moe_apply_and_trains():
     x = jax.random.normal(jax.random.key(1), (2, 6, 4))
     model = Tiny()
     variables = model.init(jax.random.key(0), x)
-    moe_params = variables["params"]["MoE_0"]["moe"]
+    moe_params = nn.unbox(variables["params"]["MoE_0"])  # init_params' layout
     h = nn.Dense(D).apply({"params": variables["params"]["Dense_0"]}, x)
-    y_lin, _ = jmoe.linen.MoE(cfg).apply({"params": {"moe": moe_params},
-                                          "router_bias": variables["router_bias"]["MoE_0"]}, h)
+    y_lin, _ = jmoe.linen.MoE(cfg).apply({"params": moe_params}, h)
     _close(y_lin, jmoe.moe_apply(moe_params, h, cfg)[0])
 
     tx = optax.adam(1e-2)
-    params, state = variables["params"], tx.init(variables["params"])
-    rest = {"router_bias": variables["router_bias"]}
+    params = nn.unbox(variables["params"])
+    state = tx.init(params)
 
     @jax.jit
     def step(params, state):
         def loss_fn(p):
-            y, aux = model.apply({"params": p, **rest}, x)
+            y, aux = model.apply({"params": p}, x)
             return jnp.mean((y - 1.0) ** 2) + 0.01 * aux.load_balance_loss
         loss, g = jax.value_and_grad(loss_fn)(params)
         upd, state = tx.update(g, state, params)

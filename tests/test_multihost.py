@@ -411,3 +411,20 @@ def test_preemption_and_a_dead_process(tmp_path):
     # Orbax commits by renaming: the save the SIGKILL cut short never showed,
     # and a restart cleared its temporary directory away.
     assert not [d for d in os.listdir(ckpts) if "tmp" in d]
+
+
+@pytest.mark.slow
+def test_two_processes_with_online_placement_train_like_one(first_runs, tmp_path):
+    """Online expert re-placement (issue 14) over 2 processes x 4 devices,
+    moving experts and Adam moments every step: the losses of the static
+    1-process run, to 1e-5."""
+    _, one, _, _ = first_runs
+    placed = str(tmp_path / "placed")
+    Job(placed, 2, **{"placement.every": 1, "placement.spare_slots": 1,
+                      "placement.policy": "always"}).wait()
+    a, b = train_losses(one), train_losses(placed)
+    assert sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+    moves = [json.loads(l) for l in open(os.path.join(placed, "metrics.jsonl"))
+             if '"placement"' in l]
+    assert moves and any(r["moved"] for r in moves)

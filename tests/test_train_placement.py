@@ -174,3 +174,20 @@ def test_bad_placement_configs_fail_before_compiling(overrides, match, tmp_path)
         loop.run(tiny_config(**overrides), str(tmp_path))
     assert "config.placement" in str(e.value)
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_under_another_placement_and_mesh(runs, tmp_path, capfd):
+    """The placed run's middle checkpoint resumes on mesh (2, 4) with two
+    spare slots per device: the saved placement does not fit (another ep),
+    so the run starts from the initial one and says so; same losses."""
+    static, placed = runs
+    work = str(tmp_path / "other_placement")
+    shutil.copytree(placed, work)
+    shutil.rmtree(os.path.join(work, "checkpoints", str(STEPS)))
+    loop.run(tiny_config(**{**BASE, **PLACED, "placement.spare_slots": 2, "mesh.data": 2,
+                            "mesh.expert": 4}), work)
+    assert "saved placement is for ep=8" in capfd.readouterr().out
+    want, got = train_losses(static), train_losses(work)
+    np.testing.assert_allclose([got[s] for s in range(STEPS // 2 + 1, STEPS + 1)],
+                               [want[s] for s in range(STEPS // 2 + 1, STEPS + 1)], rtol=1e-5)

@@ -35,7 +35,7 @@ from jmoe.runtime import distributed as dist
 from jmoe.sharding import make_mesh
 from jmoe.sharding.checks import check_layer_on_mesh
 from jmoe.train import checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, step as step_lib
-from jmoe.train import workdir_lock
+from jmoe.train import rebalance, workdir_lock
 from jmoe.train import compile_report
 
 
@@ -281,6 +281,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             maybe_initialize_distributed(**(distributed if isinstance(distributed, dict) else {}))
         mesh = make_mesh(config.mesh, owner="config.mesh")
         validate_mesh(config, gpt, mesh)
+        placement_cfg = rebalance.placement_config(config.get("placement"))
+        rebalance.check_model(placement_cfg, gpt, mesh.shape["expert"])
         corpus = data.load_corpus(config.data, gpt.vocab_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -293,7 +295,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
     lock = _hold_workdir(workdir, config, say)  # before anything touches the checkpoints
 
-
     scfg = step_lib.step_config(config)
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     schedule = step_lib.make_schedule(config.opt, config.total_steps)
@@ -302,7 +303,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     fsdp = config.mesh.get("fsdp", False)
     shardings = mesh_lib.state_shardings(mesh, abstract, fsdp=fsdp)
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    graphdef = step_lib.graphdef_of(gpt)
+    graphdef = step_lib.graphdef_of(gpt, slot_weights=placement_cfg.enabled)
+    placer = None
+    if placement_cfg.enabled:
+        # Experts (and their Adam moments) live in slot order while training.
+        placer = rebalance.OnlinePlacement(
+            placement_cfg, gpt, mesh, abstract, fsdp=fsdp, logical_shardings=shardings,
+            tokens_per_device=config.batch_size // config.grad_accum_steps * config.data.seq_len
+            // (mesh.shape["data"] * mesh.shape["expert"]))
 
     mgr = checkpoint.manager(workdir, every=config.checkpoint_every,
                              keep=config.keep_checkpoints,
@@ -348,23 +356,35 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             if lock is not None:
                 lock.release()  # the user's to fix; the next launch finds the workdir free
             raise
+        saved_placement = None
         if restored is not None:
             start, state = restored.step, restored.state
-            train_it.set_state(restored.data_state)
+            data_state = dict(restored.data_state)
+            saved_placement = data_state.pop("placement", None)
+            train_it.set_state(data_state)
         else:
             start = 0
             state = model_lib.compile_init(jax.jit(init, out_shardings=shardings))()
-        train_fn, eval_fn = step_lib.jit_steps(shardings, batch_sharding, graphdef, tx,
-                                               schedule, scfg)
+        if placer is not None:
+            state, placed = placer.enter(state, saved_placement)
+            say(f"placement: experts in slot order, {placer.rb.slots} slots per device "
+                f"({placement_cfg.spare_slots} spare), re-placed every {placement_cfg.every} "
+                f"steps (policy {placement_cfg.policy}); {placed}")
+        train_fn, eval_fn = step_lib.jit_steps(
+            placer.shardings if placer else shardings, batch_sharding, graphdef, tx, schedule,
+            scfg, placement_sharding=placer.replicated if placer else None,
+            block_to_moe=placer.block_to_moe if placer else None)
+        # The placement is data: a new one reuses the compiled steps.
+        place_args = lambda: (placer.arrays(),) if placer else ()
         # Compiled here, before the first step, to print its compile time and
         # XLA's memory analysis (docs/scale.md); the first call reuses it.
         example_BT1 = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32,
                                            sharding=batch_sharding)
-        say(compile_report.compile_step(train_fn, state, example_BT1)[1].line())
+        say(compile_report.compile_step(train_fn, state, example_BT1, *place_args())[1].line())
 
         def evaluate(s: int) -> float:
             t0 = time.perf_counter()
-            loss = float(np.mean([float(eval_fn(state, b)) for b in eval_set]))
+            loss = float(np.mean([float(eval_fn(state, b, *place_args())) for b in eval_set]))
             rep.eval(s, loss, time.perf_counter() - t0)
             return loss
 
@@ -385,6 +405,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             s, m = pending
             pending = None
             m = jax.device_get(m)
+            if placer is not None:
+                m = placer.observe(m)
             for key in ("loss", "grad_norm"):  # a NaN gradient poisons the next state
                 if not math.isfinite(float(m[key])):
                     kept = mgr.latest_step()
@@ -407,7 +429,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                 val_loss = evaluate(step)
             while step < config.total_steps:
                 batch_BT1 = data.to_global(next(train_it), batch_sharding, batch)
-                state, m = train_fn(state, batch_BT1)
+                state, m = train_fn(state, batch_BT1, *place_args())
                 drain()  # the previous step's metrics, while this one runs
                 step += 1
                 pending = (step, m)
@@ -416,13 +438,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                 if last and step < config.total_steps:
                     stopped = ("the time limit (config.max_time_s)" if out_of_time
                                else "SIGTERM (preemption)")
-                if step % config.checkpoint_every == 0 or step % config.eval_every == 0 or last:
-                    drain()  # never save or evaluate a state whose loss was not checked
+                replace_now = placer is not None and step % placement_cfg.every == 0 and not last
+                if (step % config.checkpoint_every == 0 or step % config.eval_every == 0 or last
+                        or replace_now):
+                    drain()  # never save, evaluate or re-place on a step not checked
                 if step % config.eval_every == 0 or last:
                     val_loss = evaluate(step)  # its time is left out of tok/s
+                if replace_now:
+                    state, decision = placer.maybe_move(state, step)
+                    if decision is not None:
+                        rep.placement(step, decision, placement_cfg.every)
                 if step % config.checkpoint_every == 0 or last:
-                    saver.save(step, state, train_it.get_state(), config,
-                               checkpoint.integrity_record(step, state, fingerprint), final=last)
+                    # Checkpoints hold experts in logical order (any mesh or
+                    # placement resumes them) plus the placement in use.
+                    saved = placer.for_checkpoint(state) if placer else state
+                    data_state = train_it.get_state()
+                    if placer is not None:
+                        data_state = dict(data_state, placement=placer.state_dict())
+                    saver.save(step, saved, data_state, config,
+                               checkpoint.integrity_record(step, saved, fingerprint), final=last)
                 if last:
                     break
             drain()
