@@ -189,7 +189,7 @@ def test_state_checksum_is_the_same_on_any_mesh_and_sees_one_bit():
     rng = np.random.default_rng(0)
     tree = {"w": rng.normal(size=(8, 16)).astype(np.float32),
             "b": rng.normal(size=(16,)).astype(jax.numpy.bfloat16),
-            "n": np.array(7, np.int32)}
+            "n": np.array(7, np.int32), "key": jax.random.key(0)}
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     sharded = dict(tree, w=jax.device_put(tree["w"], NamedSharding(mesh, P("b", "a"))))
     want = checkpoint.state_checksum(tree)
@@ -333,6 +333,28 @@ def test_launches_racing_for_a_lock_one_wins(tmp_path, stale):
     for p in procs:
         p.join(timeout=60)
     assert len([w for w in won if w is not None]) == 1, won
+
+
+def test_taking_over_a_stale_lock_never_removes_a_fresh_one(tmp_path, monkeypatch):
+    """The interleaving the racing test rarely hits: between our judging the
+    lock stale and moving it aside, another launch took it over and wrote
+    its own. What we moved is then not the lock we judged: it goes back."""
+    workdir = str(tmp_path)
+    _write_lock(workdir, host=socket.gethostname(), pid=2**22 + 7, pid_start="1")
+    fresh = {"host": "node-3", "pid": 5, "job_id": "7"}
+    judge = workdir_lock._stale_reason
+
+    def judge_then_lose_the_race(*args):
+        why = judge(*args)
+        if why is not None and json.load(open(_lock_path(workdir)))["pid"] != 5:
+            os.remove(_lock_path(workdir))
+            _write_lock(workdir, **fresh)  # the other launch, just in time
+        return why
+    monkeypatch.setattr(workdir_lock, "_stale_reason", judge_then_lose_the_race)
+    with pytest.raises(workdir_lock.WorkdirBusy, match="host node-3, pid 5, job 7"):
+        workdir_lock.acquire(workdir, log=lambda _: None)
+    assert json.load(open(_lock_path(workdir))) == fresh
+    assert os.listdir(workdir) == [workdir_lock.LOCK_NAME]  # nothing left aside
 
 
 # --------------------------------------------------------------------------

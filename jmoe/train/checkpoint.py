@@ -75,6 +75,8 @@ def manager(workdir: str, *, every: int, keep: int, async_save: bool = True,
 
 def _bits_u32(x: jax.Array) -> jax.Array:
     """The array's bits as uint32 (one per element; 8-byte elements fold their halves)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: their uint32 words
+        x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
     bits = x.dtype.itemsize * 8
