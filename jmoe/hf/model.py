@@ -1,0 +1,157 @@
+"""The HF MoE decoders (Mixtral, Qwen2-MoE, Qwen3-MoE) as pure JAX functions.
+
+A separate model from `jmoe.model.GPT` because these families differ from it
+in ways a GPT option would only blur (per-head q/k norms, qkv biases, RMSNorm
+scales, rotate-half RoPE, dense layers between MoE ones). The MoE block is
+jmoe's own layer (`jmoe.moe.moe_apply`), so expert parallelism, dropless
+dispatch and the grouped matmul work as for the GPT.
+
+Parameters (a pytree of arrays; `jmoe.hf.load` fills them from a checkpoint):
+
+    {"embed": {"w_VD"}, "final_norm": {"scale_D"}, "lm_head": {"w_DV"} (untied only),
+     "layers": [{"attn_norm": {"scale_D"}, "mlp_norm": {"scale_D"},
+                 "attn": {"w_q_DHQ", "w_k_DJQ", "w_v_DJQ", "w_o_HQD",
+                          ["b_q_HQ", "b_k_JQ", "b_v_JQ"], ["b_o_D"], ["q_norm_Q", "k_norm_Q"]},
+                 "moe": <jmoe.init_params layout> | "mlp": {"w_gate_DF", "w_up_DF", "w_down_FD"}},
+                ...]}
+
+A KV cache (`init_cache`) is a list over layers of {"k_BSJQ", "v_BSJQ"}
+with S slots fixed up front: prefill writes positions 0..T-1, each decode
+step writes one position per row, so both jit once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jmoe import experts
+from jmoe.hf.config import HFConfig
+from jmoe.moe import moe_apply
+from jmoe.sharding.specs import TOKEN_AXES
+
+Params = Any
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """HF RMSNorm: normalise in float32, scale after casting back."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope(x_BTNQ: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE (HF's layout: the two halves of each head are the pairs)."""
+    q = x_BTNQ.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, q, 2, dtype=jnp.float32) / q))
+    ang_BTq = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    ang_BTQ = jnp.concatenate([ang_BTq, ang_BTq], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(ang_BTQ), jnp.sin(ang_BTQ)
+    x1, x2 = jnp.split(x_BTNQ.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x_BTNQ * cos + rotated * sin).astype(x_BTNQ.dtype)
+
+
+def attention(p: Params, x_BTD: jax.Array, positions_BT: jax.Array, cfg: HFConfig,
+              cache: Optional[dict]) -> tuple[jax.Array, Optional[dict]]:
+    """Grouped-query causal attention; with `cache`, over its S slots."""
+    dt = x_BTD.dtype
+    w = lambda name: p[name].astype(dt)
+    q_BTHQ = jnp.einsum("btd,dhq->bthq", x_BTD, w("w_q_DHQ"))
+    k_BTJQ = jnp.einsum("btd,djq->btjq", x_BTD, w("w_k_DJQ"))
+    v_BTJQ = jnp.einsum("btd,djq->btjq", x_BTD, w("w_v_DJQ"))
+    if cfg.qkv_bias:
+        q_BTHQ, k_BTJQ, v_BTJQ = q_BTHQ + w("b_q_HQ"), k_BTJQ + w("b_k_JQ"), v_BTJQ + w("b_v_JQ")
+    if cfg.qk_norm:
+        q_BTHQ = rms_norm(q_BTHQ, p["q_norm_Q"], cfg.rms_eps)
+        k_BTJQ = rms_norm(k_BTJQ, p["k_norm_Q"], cfg.rms_eps)
+    q_BTHQ = rope(q_BTHQ, positions_BT, cfg.rope_theta)
+    k_BTJQ = rope(k_BTJQ, positions_BT, cfg.rope_theta)
+    if cache is None:
+        k_BSJQ, v_BSJQ, kpos_BS = k_BTJQ, v_BTJQ, positions_BT
+    else:
+        # Each row writes its own positions (rows of a batch may be at different ones).
+        b_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+        k_BSJQ = cache["k_BSJQ"].at[b_B1, positions_BT].set(k_BTJQ.astype(cache["k_BSJQ"].dtype))
+        v_BSJQ = cache["v_BSJQ"].at[b_B1, positions_BT].set(v_BTJQ.astype(cache["v_BSJQ"].dtype))
+        cache = {"k_BSJQ": k_BSJQ, "v_BSJQ": v_BSJQ}
+        kpos_BS = jnp.broadcast_to(jnp.arange(k_BSJQ.shape[1]), (x_BTD.shape[0], k_BSJQ.shape[1]))
+    b, t, h, q = q_BTHQ.shape
+    j = cfg.num_kv_heads
+    # Query head h reads key/value head h // (H/J) (HF's repeat_kv).
+    q_BTJRQ = q_BTHQ.reshape(b, t, j, h // j, q)
+    s_BJRTS = jnp.einsum("btjrq,bsjq->bjrts", q_BTJRQ, k_BSJQ.astype(dt),
+                         preferred_element_type=jnp.float32) / math.sqrt(q)
+    qpos, kpos = positions_BT[:, None, None, :, None], kpos_BS[:, None, None, None, :]
+    ok = kpos <= qpos
+    if cfg.sliding_window:
+        ok &= qpos - kpos < cfg.sliding_window
+    s_BJRTS = jnp.where(ok, s_BJRTS, -jnp.inf)
+    a_BJRTS = jax.nn.softmax(s_BJRTS, axis=-1).astype(dt)
+    o_BTJRQ = jnp.einsum("bjrts,bsjq->btjrq", a_BJRTS, v_BSJQ.astype(dt))
+    out_BTD = jnp.einsum("bthq,hqd->btd", o_BTJRQ.reshape(b, t, h, q), w("w_o_HQD"))
+    if cfg.o_bias:
+        out_BTD = out_BTD + w("b_o_D")
+    return out_BTD, cache
+
+
+def _moe_mesh(num_tokens: int):
+    """None (the active mesh, expert-parallel) when the tokens split evenly over
+    its token shards, else False: a decode step of B rows runs the local layer
+    (GSPMD partitions it) rather than fail the expert-parallel split."""
+    m = jax.sharding.get_abstract_mesh()
+    if m is None or not m.axis_names:
+        return None
+    shards = math.prod(m.shape[a] for a in TOKEN_AXES if a in m.axis_names)
+    return None if num_tokens % shards == 0 else False
+
+
+def forward(params: Params, ids_BT: jax.Array, cfg: HFConfig, *,
+            positions_BT: Optional[jax.Array] = None, cache: Optional[list] = None,
+            decode: bool = False) -> tuple[jax.Array, Optional[list], list]:
+    """Token ids [B, T] -> (float32 logits [B, T, V], updated cache, per-MoE-layer MoEAux).
+
+    positions_BT: absolute positions (default 0..T-1); with a cache they are
+    also the slots written. `decode` uses the MoE layer's decode alignment.
+    """
+    b, t = ids_BT.shape
+    dt = jnp.dtype(cfg.dtype)
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x_BTD = jnp.take(params["embed"]["w_VD"], ids_BT, axis=0).astype(dt)
+    moe_cfg = cfg.moe_config(decode=decode)
+    new_cache, auxes = [] if cache is not None else None, []
+    for i, lp in enumerate(params["layers"]):
+        with jax.named_scope(f"layer{i}"):
+            h_BTD = rms_norm(x_BTD, lp["attn_norm"]["scale_D"], cfg.rms_eps)
+            a_BTD, c = attention(lp["attn"], h_BTD, positions_BT, cfg,
+                                 None if cache is None else cache[i])
+            if cache is not None:
+                new_cache.append(c)
+            x_BTD = x_BTD + a_BTD
+            h_BTD = rms_norm(x_BTD, lp["mlp_norm"]["scale_D"], cfg.rms_eps)
+            if "moe" in lp:
+                y_BTD, aux = moe_apply(lp["moe"], h_BTD, moe_cfg, mesh=_moe_mesh(b * t))
+                auxes.append(aux)
+            else:
+                y_BTD = experts.dense_mlp(h_BTD, lp["mlp"], "swiglu")
+            x_BTD = x_BTD + y_BTD
+    x_BTD = rms_norm(x_BTD, params["final_norm"]["scale_D"], cfg.rms_eps)
+    if cfg.tie_embeddings:
+        logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, params["embed"]["w_VD"].astype(dt),
+                                preferred_element_type=jnp.float32)
+    else:
+        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, params["lm_head"]["w_DV"].astype(dt),
+                                preferred_element_type=jnp.float32)
+    return logits_BTV, new_cache, auxes
+
+
+def init_cache(cfg: HFConfig, batch: int, max_len: int, dtype=None) -> list:
+    """A zero KV cache of `max_len` slots per row: [{"k_BSJQ", "v_BSJQ"}] per layer."""
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    return [{"k_BSJQ": jnp.zeros(shape, dt), "v_BSJQ": jnp.zeros(shape, dt)}
+            for _ in range(cfg.num_layers)]
