@@ -9,7 +9,8 @@ See docs/huggingface.md.
 
 from jmoe.hf.config import FAMILIES, HFConfig, UnsupportedCheckpoint, load_config
 from jmoe.hf.load import load, save
+from jmoe.hf.generation import generate, sample_logits
 from jmoe.hf.model import forward, init_cache
 
 __all__ = ["FAMILIES", "HFConfig", "UnsupportedCheckpoint", "load_config", "load", "save",
-           "forward", "init_cache"]
+           "forward", "init_cache", "generate", "sample_logits"]

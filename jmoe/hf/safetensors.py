@@ -70,6 +70,9 @@ class Checkpoint(Mapping[str, np.ndarray]):
         raw = self._maps[fpath][start + b:start + e]
         return raw.view(DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
+    def __contains__(self, key) -> bool:  # Mapping's default would read the tensor
+        return key in self._entries
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key][1]["shape"])
 
