@@ -477,6 +477,7 @@ def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path, capsys):
                      r"\(train_crc32 [0-9a-f]{8} -> [0-9a-f]{8}\; now text ", msg), msg
     assert "--config.allow_data_change=true" in msg
     assert committed_steps(workdir) == [2]
+    assert not os.path.exists(_lock_path(workdir))  # the refused run let go of the workdir
     # Allowed deliberately: a warning, and it resumes.
     summary = loop.run(tiny_config(total_steps=4, allow_data_change=True, **text), workdir)
     out = capsys.readouterr().out
