@@ -6,12 +6,13 @@ import dataclasses
 import math
 from typing import Any
 
-ROUTERS = ("softmax_topk", "sigmoid_topk", "switch", "expert_choice")
+ROUTERS = ("softmax_topk", "sigmoid_topk", "switch", "expert_choice", "topk_softmax")
 DISPATCHES = ("capacity", "dropless")
-ACTIVATIONS = ("swiglu", "geglu", "gelu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "swiglu_clamped")
 # Gated MLPs: act(x @ w_gate) * (x @ w_up). "geglu" is Gemma's / T5 v1.1's
 # gated GELU with the tanh approximation (Gemma's `nn.gelu` default).
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+# "swiglu_clamped" is GPT-OSS's: (clip(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
 DROP_POLICIES = ("position", "probability")
 GMM_BACKENDS = ("auto", "xla", "pallas")
 RAGGED_IMPLS = ("auto", "native", "dense")
@@ -181,6 +182,16 @@ class MoEConfig:
       routed_scaling_factor: multiplies the routed weights (DeepSeek-V3).
       bias_update_rate: step size of the aux-loss-free bias update.
       jitter_eps: multiplicative uniform noise on router inputs when training.
+      `topk_softmax` (GPT-OSS): top-k over the raw logits, then a softmax over
+        the k chosen logits only.
+      router_bias: a learned per-expert bias added to the router logits
+        (GPT-OSS; `params["router"]["b_E"]`); only with `topk_softmax`.
+
+    Expert options:
+      expert_bias: learned biases on the experts' projections (GPT-OSS;
+        `b_gate_EF`, `b_up_EF`, `b_down_ED` next to the expert weights).
+      swiglu_alpha, swiglu_limit: the `swiglu_clamped` activation's sigmoid
+        slope and clamp (GPT-OSS: 1.702 and 7.0).
 
     Dispatch options:
       dispatch: `capacity` (static `[E, C, D]` buffers, may drop) or
@@ -222,6 +233,10 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_d_ff: int = 0
     shared_gate: bool = False
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     ep_recv_factor: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -296,6 +311,14 @@ class MoEConfig:
             _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0.")
         if self.jitter_eps < 0:
             _fail("jitter_eps", self.jitter_eps, "must be >= 0 (0 disables jitter).")
+        if self.router_bias and self.router != "topk_softmax":
+            _fail("router_bias", self.router_bias, "a learned router bias is implemented for "
+                  "router='topk_softmax' (GPT-OSS) only; set router_bias=False.")
+        if self.expert_bias and self.activation not in GATED_ACTIVATIONS:
+            _fail("expert_bias", self.expert_bias, "expert biases need a gated activation "
+                  f"({GATED_ACTIVATIONS}); set expert_bias=False.")
+        if not self.swiglu_limit > 0:
+            _fail("swiglu_limit", self.swiglu_limit, "must be > 0 (GPT-OSS uses 7.0).")
         if self.num_shared_experts < 0:
             _fail("num_shared_experts", self.num_shared_experts, "must be >= 0.")
         if self.num_shared_experts and self.shared_d_ff < 0:

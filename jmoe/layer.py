@@ -40,7 +40,12 @@ def init_params(key: jax.Array, cfg: MoEConfig) -> dict:
                 "w_down_EFD": _normal(next(keys), (e, f, d), f, dt)}
     if cfg.activation in GATED_ACTIVATIONS:
         expert_w["w_gate_EDF"] = _normal(next(keys), (e, d, f), d, dt)
+    if cfg.expert_bias:
+        expert_w.update(b_gate_EF=jnp.zeros((e, f), dt), b_up_EF=jnp.zeros((e, f), dt),
+                        b_down_ED=jnp.zeros((e, d), dt))
     params = {"router": {"w_DE": _normal(next(keys), (d, e), d, dt)}, "experts": expert_w}
+    if cfg.router_bias:
+        params["router"]["b_E"] = jnp.zeros((e,), dt)
     if cfg.num_shared_experts:
         fs = cfg.shared_hidden
         shared = {"w_up_DF": _normal(next(keys), (d, fs), d, dt),
@@ -94,7 +99,8 @@ def shared_experts(params: Params, x_TD: jax.Array, cfg: MoEConfig) -> jax.Array
     """Always-on shared experts (Qwen-MoE / DeepSeek), optionally sigmoid-gated."""
     with jax.named_scope("shared_experts"):
         w = params["shared"]
-        y_TD = experts.dense_mlp(x_TD, w, cfg.activation)
+        y_TD = experts.dense_mlp(x_TD, w, cfg.activation, alpha=cfg.swiglu_alpha,
+                                 limit=cfg.swiglu_limit)
         if cfg.shared_gate:
             y_TD = y_TD * jax.nn.sigmoid(jnp.dot(x_TD, w["w_gate_D1"].astype(x_TD.dtype)))
         return y_TD
@@ -102,13 +108,15 @@ def shared_experts(params: Params, x_TD: jax.Array, cfg: MoEConfig) -> jax.Array
 
 def local_experts_capacity(w: Params, cfg: MoEConfig):
     """Experts on `[E, C, D]` buffers held by this device."""
-    return lambda buf_ECD: experts.batched_mlp(buf_ECD, w, cfg.activation)
+    return lambda buf_ECD: experts.batched_mlp(buf_ECD, w, cfg.activation, cfg.swiglu_alpha,
+                                               cfg.swiglu_limit)
 
 
 def local_experts_dropless(w: Params, cfg: MoEConfig):
     """Experts on rows grouped by expert; drops nothing."""
     def run(buf_RD, group_sizes_E):
-        y_RD = experts.grouped_mlp(buf_RD, w, group_sizes_E, cfg.activation, cfg.execution.gmm_backend)
+        y_RD = experts.grouped_mlp(buf_RD, w, group_sizes_E, cfg.activation,
+                                   cfg.execution.gmm_backend, cfg.swiglu_alpha, cfg.swiglu_limit)
         return y_RD, jnp.zeros((), jnp.int32)
     return run
 
@@ -292,6 +300,8 @@ def local_moe(params: Params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig,
     w = expert_weights(params, placement)
     # Expert choice fills exactly C slots per expert: the dense [E, C] layout.
     cap = local_experts_capacity(w, cfg) if cfg.router == "expert_choice" else None
+    if cfg.router_bias:
+        bias_E = params["router"]["b_E"]  # topk_softmax's learned logit bias (routing.route)
     out_TD, sums = moe_core(x_TD, xr_TD, params["router"]["w_DE"], cfg, bias_E, cap,
                             local_experts_dropless(w, cfg), cfg.group_align, placement)
     return out_TD, finalize(sums, cfg.router == "expert_choice")

@@ -58,6 +58,11 @@ def moe_apply(params: Params, x: jax.Array, cfg: MoEConfig, *,
     x_TD = x.reshape(-1, cfg.d_model).astype(jnp.dtype(cfg.dtype))
     xr_TD = router_input(x_TD, cfg, train, rng)
     ep_mesh = None if mesh is False else expert_parallel.active_expert_mesh(mesh)
+    if ep_mesh is not None and (cfg.router_bias or cfg.expert_bias
+                                or cfg.activation == "swiglu_clamped"):
+        raise ValueError(
+            "MoEConfig.router_bias / expert_bias / activation='swiglu_clamped' (GPT-OSS) run "
+            "on one device or under GSPMD only, not expert-parallel yet: pass mesh=False.")
     if ep_mesh is not None:
         y_TD, aux = expert_parallel.moe_apply_ep(params, x_TD, xr_TD, cfg, ep_mesh, bias,
                                                  placement)
@@ -132,6 +137,9 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs, deterministic: bool = True,
                  return_aux: bool = True, mesh=None, rng_collection: str = "dropout"):
+        if cfg.router_bias or cfg.expert_bias:
+            raise ValueError("MoEConfig.router_bias / expert_bias (GPT-OSS) are not NNX/Linen "
+                             "module weights yet: call jmoe.moe_apply with jmoe.init_params.")
         self.cfg = cfg
         p = init_params(rngs.params(), cfg)
         self.router = Router(p["router"]["w_DE"], cfg)

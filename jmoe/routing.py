@@ -108,6 +108,21 @@ def sigmoid_topk(logits_TE: jax.Array, k: int, bias_E: Optional[jax.Array],
     return Routing(experts_TK.astype(jnp.int32), weights_TK * scale, probs_TE, logits_TE)
 
 
+def topk_softmax(logits_TE: jax.Array, k: int, bias_E: Optional[jax.Array] = None,
+                 scale: float = 1.0) -> Routing:
+    """GPT-OSS routing: top-k of the logits (plus a learned bias), softmax over those k.
+
+    Unlike `softmax_topk` the weights are a softmax over the chosen logits
+    only; `probs_TE` (the full softmax) feeds the balance loss and entropy.
+    """
+    if bias_E is not None:
+        logits_TE = logits_TE + bias_E.astype(jnp.float32)
+    top_TK, experts_TK = jax.lax.top_k(logits_TE, k)
+    weights_TK = jax.nn.softmax(top_TK, axis=-1)
+    probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+    return Routing(experts_TK.astype(jnp.int32), weights_TK * scale, probs_TE, logits_TE)
+
+
 def expert_choice(logits_TE: jax.Array, capacity: int) -> ExpertChoice:
     """Each expert takes the `capacity` tokens with its highest probability (Zhou et al.)."""
     probs_TE = jax.nn.softmax(logits_TE, axis=-1)
@@ -127,6 +142,9 @@ def route(logits_TE: jax.Array, cfg: MoEConfig, bias_E: Optional[jax.Array] = No
                             cfg.routed_scaling_factor, cfg.n_group, cfg.topk_group)
     if cfg.router == "expert_choice":
         return expert_choice(logits_TE, cfg.capacity(logits_TE.shape[0]))
+    if cfg.router == "topk_softmax":
+        # `bias_E` is this router's learned logit bias (`router_bias`), not a selection bias.
+        return topk_softmax(logits_TE, cfg.top_k, bias_E, cfg.routed_scaling_factor)
     raise ValueError(f"MoEConfig.router={cfg.router!r} is unknown.")
 
 
