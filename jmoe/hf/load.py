@@ -160,14 +160,15 @@ def leaves(cfg: HFConfig, ck_keys=()) -> list[Leaf]:
     return out
 
 
-def check(table: list[Leaf], ck: Checkpoint, cfg: HFConfig) -> None:
+def check(table: list[Leaf], ck: Checkpoint, model_type: str,
+          allowed_extra: tuple = ()) -> None:
     """Every tensor the table needs is there with its shape; nothing is left unread."""
     used = set()
     for leaf in table:
         for key, shape in leaf.sources.items():
             if key not in ck:
                 raise UnsupportedCheckpoint(
-                    f"{ck.path}: tensor {key!r} is missing (a {cfg.model_type} checkpoint with "
+                    f"{ck.path}: tensor {key!r} is missing (a {model_type} checkpoint with "
                     f"this config.json has it, shape {list(shape)}).")
             if ck.shape(key) != tuple(shape):
                 raise UnsupportedCheckpoint(
@@ -175,11 +176,11 @@ def check(table: list[Leaf], ck: Checkpoint, cfg: HFConfig) -> None:
                     f"implies {list(shape)}: the checkpoint and its config.json disagree.")
             used.add(key)
     extra = sorted(k for k in ck if k not in used and not k.endswith(IGNORED_SUFFIXES)
-                   and not (cfg.tie_embeddings and k == "lm_head.weight"))
+                   and k not in allowed_extra)
     if extra:
         raise UnsupportedCheckpoint(
             f"{ck.path}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not read by the "
-            f"{cfg.model_type} importer: it belongs to an option jmoe.hf does not implement.")
+            f"{model_type} importer: it belongs to an option jmoe.hf does not implement.")
 
 
 def _set(tree: dict, path: tuple, value) -> None:
@@ -218,7 +219,13 @@ def load(path: str, *, mesh=None, param_dtype: str = "float32", dtype: Optional[
                                     dtype=dtype or param_dtype, **overrides)
     ck = Checkpoint(path)
     table = leaves(cfg, set(ck))
-    check(table, ck, cfg)
+    # A tied checkpoint may still store lm_head (a copy of the embedding).
+    check(table, ck, cfg.model_type, ("lm_head.weight",) if cfg.tie_embeddings else ())
+    return cfg, place(table, ck, mesh, param_dtype)
+
+
+def place(table: list[Leaf], ck: Checkpoint, mesh, param_dtype: str) -> dict:
+    """Streams each leaf of a checked `table` onto its sharding (one device's block at a time)."""
     np_dtype = jnp.dtype(param_dtype)
     tree: dict = {}
     for leaf in table:
@@ -232,7 +239,7 @@ def load(path: str, *, mesh=None, param_dtype: str = "float32", dtype: Optional[
                 lambda idx, leaf=leaf: np.asarray(leaf.read(ck, _full_index(idx, leaf.shape)),
                                                   dtype=np_dtype))
         _set(tree, leaf.path, arr)
-    return cfg, _listify(tree)
+    return _listify(tree)
 
 
 def _full_index(idx, shape) -> tuple:
