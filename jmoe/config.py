@@ -107,6 +107,11 @@ class Execution:
         > 1) on the capacity path, the down-projection's all-reduce becomes a
         ring of ppermutes overlapped with the matmul (reduce-scatter) plus an
         all-gather.
+      capacity_buckets: with a dynamic capacity (`MoEConfig.capacity_factor`
+        <= 0), the capacities compiled besides the largest, as multiples of
+        the balanced load T*K/E; each step runs the smallest that holds the
+        busiest expert (`jax.lax.switch`, one scalar max over the mesh), so
+        a step never recompiles. () = always the largest.
       shadow_experts: FasterMoE's shadow experts on the expert-parallel
         dropless path: each step, the `s` experts with the most assignments on
         the whole mesh are computed on every device for that device's own
@@ -121,12 +126,15 @@ class Execution:
     ep_buckets: tuple = (1.5, 3.0)
     overlap_chunks: int = 1
     collective_matmul: bool = False
+    capacity_buckets: tuple = (1.25, 1.5, 2.0, 3.0)
     shadow_experts: int = 0
 
     def __post_init__(self):
         self.validate()
         # Hashable and canonical (configs arrive with lists from ml_collections).
         object.__setattr__(self, "ep_buckets", tuple(float(f) for f in self.ep_buckets))
+        object.__setattr__(self, "capacity_buckets",
+                           tuple(float(f) for f in self.capacity_buckets))
 
     def validate(self, owner: str = "Execution") -> None:
         if self.gmm_backend not in GMM_BACKENDS:
@@ -146,6 +154,11 @@ class Execution:
                   "must be an integer >= 1 (1 = no chunking).", owner)
         if not isinstance(self.collective_matmul, bool):
             _fail("collective_matmul", self.collective_matmul, "must be True or False.", owner)
+        c = self.capacity_buckets
+        if not isinstance(c, (tuple, list)) or any(
+                not isinstance(f, (int, float)) or f <= 0 for f in c) or list(c) != sorted(set(c)):
+            _fail("capacity_buckets", c, "must be a tuple of increasing factors > 0, e.g. "
+                  "(1.25, 1.5, 2.0, 3.0); () = always the largest capacity.", owner)
         if not isinstance(self.shadow_experts, int) or self.shadow_experts < 0:
             _fail("shadow_experts", self.shadow_experts,
                   "must be an integer >= 0 (0 = no shadow experts).", owner)
@@ -287,10 +300,14 @@ class MoEConfig:
             _fail("dispatch", self.dispatch,
                   "expert_choice routing fills a fixed capacity per expert: set "
                   "dispatch='capacity'.")
-        needs_cf = self.dispatch == "capacity" or self.router == "expert_choice"
-        if needs_cf and not (self.capacity_factor > 0):
+        if self.router == "expert_choice" and not (self.capacity_factor > 0):
             _fail("capacity_factor", self.capacity_factor,
-                  "must be > 0 with capacity dispatch (1.0-1.25 is typical).")
+                  "expert_choice fills a fixed capacity per expert: must be > 0 "
+                  "(1.0-1.25 is typical).")
+        if self.dispatch == "capacity" and not math.isfinite(self.capacity_factor):
+            _fail("capacity_factor", self.capacity_factor,
+                  "must be a finite number: > 0 fixed (1.0-1.25 is typical), 0 = what each "
+                  "step needs, -x = what each step needs up to x.")
         if self.min_capacity < 0:
             _fail("min_capacity", self.min_capacity, "must be >= 0.")
         if self.group_align <= 0:
@@ -329,13 +346,33 @@ class MoEConfig:
                       "jnp.float32 / jnp.bfloat16 / jnp.float16).")
 
     def capacity(self, num_tokens: int, num_groups: int = 0) -> int:
-        """Slots per expert for `num_tokens` tokens (a static Python int).
+        """Slots per expert for `num_tokens` tokens (a static Python int); with
+        a dynamic capacity (capacity_factor <= 0), the largest it may take.
 
         `num_groups`: the buffers the assignments spread over when that is not
         `num_experts` (a placement's physical slots, experts plus replicas)."""
-        c = math.ceil(self.capacity_factor * num_tokens * self.top_k
-                      / (num_groups or self.num_experts))
-        return max(c, self.min_capacity, 1)
+        return self.capacity_choices(num_tokens, num_groups)[-1]
+
+    @property
+    def dynamic_capacity(self) -> bool:
+        """capacity_factor = 0 (what each step needs) or -x (up to x): Tutel's rule."""
+        return self.dispatch == "capacity" and self.capacity_factor <= 0
+
+    def capacity_choices(self, num_tokens: int, num_groups: int = 0) -> list:
+        """The capacities a step may use, smallest first (static ints): one for
+        a fixed factor; with a dynamic one, `execution.capacity_buckets` below
+        the largest, which is every token (factor 0: nothing ever drops) or
+        x times the balanced load (factor -x)."""
+        per = num_tokens * self.top_k / (num_groups or self.num_experts)
+        floor = max(self.min_capacity, 1)
+        if self.capacity_factor > 0:
+            return [max(math.ceil(self.capacity_factor * per), floor)]
+        # An expert (or slot) gets at most one assignment per token.
+        top = num_tokens if self.capacity_factor == 0 else min(
+            num_tokens, math.ceil(-self.capacity_factor * per))
+        top = max(top, floor)
+        below = {max(math.ceil(f * per), floor) for f in self.execution.capacity_buckets}
+        return sorted(c for c in below if c < top) + [top]
 
     def recv_buffer_rows(self, local_assignments: int, ep: int) -> int:
         """Rows of the dropless receive buffer on `ep` expert-parallel devices

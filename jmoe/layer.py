@@ -124,7 +124,7 @@ def local_experts_dropless(w: Params, cfg: MoEConfig):
 def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
              bias_E: Optional[jax.Array], capacity_experts, dropless_experts,
              dropless_align: int, placement: Optional[PlacementArrays] = None,
-             regroup=None):
+             regroup=None, reduce_need=None):
     """Route -> plan -> permute -> experts -> un-permute -> combine, on flat tokens.
 
     The expert step is pluggable so the same code runs on one device and
@@ -138,6 +138,9 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     `regroup(experts_TK) -> (groups_TK, num_groups, dropless_experts)`, when
     given, decides the groups from the routing instead (shadow experts,
     `jmoe.sharding.shadow`), with the expert step that runs them.
+    A dynamic capacity (`MoEConfig.capacity_factor <= 0`) picks its buffer
+    size per call among `cfg.capacity_choices`; `reduce_need` (a max over the
+    mesh) makes every shard pick the same one.
     Returns (out_TD, `RouterSums` of these tokens, dropped count included).
     """
     t = x_TD.shape[0]
@@ -164,25 +167,60 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     # Capacity without an all-to-all (capacity_experts=None) packs the kept
     # rows like dropless, so no expert computes empty slots.
     packed = cfg.dispatch == "dropless" or capacity_experts is None
-    with jax.named_scope("plan"):
-        if cfg.dispatch == "capacity":
-            perm = dispatch.capacity_permutation(
-                groups_TK, r.weights_TK, e, cfg.capacity(t, e), cfg.drop_policy,
-                packed_align=dropless_align if packed else 0)
-        else:
-            perm = dispatch.dropless_permutation(groups_TK, e, dropless_align)
-    with jax.named_scope("permute"):
-        buf_RD = dispatch.permute(x_TD, perm.slot_TK, perm.src_R)
-    with jax.named_scope("experts"):
-        if not packed:
-            y_RD = capacity_experts(buf_RD.reshape(e, -1, x_TD.shape[1])).reshape(buf_RD.shape)
-            dropped = perm.dropped
-        else:
-            y_RD, extra = dropless_experts(buf_RD, perm.group_sizes_E)
-            dropped = perm.dropped + extra
-    with jax.named_scope("unpermute"):
-        out_TD = dispatch.unpermute(y_RD, r.weights_TK, perm.slot_TK, perm.src_R)
-    return out_TD, router_sums(r, cfg.num_experts, dropped)
+    d = x_TD.shape[1]
+
+    def run(capacity, x_TD, groups_TK, weights_TK):
+        """plan -> permute -> experts -> un-permute for one (static) capacity."""
+        with jax.named_scope("plan"):
+            if cfg.dispatch == "capacity":
+                perm = dispatch.capacity_permutation(
+                    groups_TK, weights_TK, e, capacity, cfg.drop_policy,
+                    packed_align=dropless_align if packed else 0)
+            else:
+                perm = dispatch.dropless_permutation(groups_TK, e, dropless_align)
+        with jax.named_scope("permute"):
+            buf_RD = dispatch.permute(x_TD, perm.slot_TK, perm.src_R)
+        with jax.named_scope("experts"):
+            if not packed:
+                y_RD = capacity_experts(buf_RD.reshape(e, -1, d)).reshape(buf_RD.shape)
+                dropped = perm.dropped
+            else:
+                y_RD, extra = dropless_experts(buf_RD, perm.group_sizes_E)
+                dropped = perm.dropped + extra
+        with jax.named_scope("unpermute"):
+            out_TD = dispatch.unpermute(y_RD, weights_TK, perm.slot_TK, perm.src_R)
+        return out_TD, dropped
+
+    if cfg.dispatch == "dropless":
+        out_TD, dropped = run(None, x_TD, groups_TK, r.weights_TK)
+        return out_TD, router_sums(r, cfg.num_experts, dropped)
+    choices = cfg.capacity_choices(t, e)
+    if len(choices) == 1:
+        out_TD, dropped = run(choices[0], x_TD, groups_TK, r.weights_TK)
+        used = choices[0]
+    else:
+        out_TD, dropped, used = _dynamic_capacity(run, choices, e, x_TD, groups_TK,
+                                                  r.weights_TK, reduce_need)
+    return out_TD, router_sums(r, cfg.num_experts, dropped,
+                               capacity_factor=used * e / (t * cfg.top_k))
+
+
+def _dynamic_capacity(run, choices: list, num_groups: int, x_TD, groups_TK, weights_TK,
+                      reduce_need):
+    """Runs the smallest of the static `choices` that holds the busiest group
+    (`jax.lax.switch`; `reduce_need` makes the choice the same on every shard
+    of a mesh). Each branch is rematerialised in the backward pass: a switch
+    otherwise keeps every branch's residuals. Returns (out_TD, dropped, C)."""
+    count_G = jnp.zeros((num_groups,), jnp.int32).at[groups_TK.reshape(-1)].add(1)
+    need = jnp.max(count_G)
+    if reduce_need is not None:
+        need = reduce_need(need)
+    branch = jnp.sum(need > jnp.asarray(choices[:-1], jnp.int32)).astype(jnp.int32)
+    branches = [jax.checkpoint(functools.partial(run, c)) for c in choices]
+    with jax.named_scope("dynamic_capacity"):
+        out_TD, dropped = jax.lax.switch(branch, branches, x_TD, groups_TK, weights_TK)
+    used = jnp.asarray(choices, jnp.float32)[branch]
+    return out_TD, dropped, used
 
 
 def place_assignments(experts_TK: jax.Array, placement: PlacementArrays) -> jax.Array:

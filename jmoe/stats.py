@@ -30,6 +30,9 @@ class MoEAux:
     router_entropy: mean per-token entropy of the router distribution (nats).
     expert_load: [E] fraction of assignments routed to each expert (before drops).
     expert_prob: [E] mean router probability of each expert over the tokens.
+    capacity_factor: capacity path: the capacity the buffers had, as a
+      multiple of the balanced load T*K/E (per token shard; with a dynamic
+      capacity, the one the step chose); 0 for dropless and expert choice.
     """
 
     load_balance_loss: jax.Array
@@ -38,6 +41,7 @@ class MoEAux:
     router_entropy: jax.Array
     expert_load: jax.Array
     expert_prob: jax.Array
+    capacity_factor: jax.Array = 0.0
 
 
 @struct.dataclass
@@ -47,7 +51,9 @@ class RouterSums:
     counts_E: int32 [E] assignments per expert; probs_sum_E: float32 [E] sum of
     router probabilities; z_sum / ent_sum: sums over tokens of logsumexp^2 and
     entropy; num_tokens, num_assignments: float32 counts; dropped: int32
-    assignments (tokens, for expert choice) that were not computed.
+    assignments (tokens, for expert choice) that were not computed;
+    capacity_tokens: float32 capacity factor used x num_tokens (its
+    token-weighted sum, so that sums of shards and chunks average it).
     """
 
     counts_E: jax.Array
@@ -57,12 +63,14 @@ class RouterSums:
     num_tokens: jax.Array
     num_assignments: jax.Array
     dropped: jax.Array
+    capacity_tokens: jax.Array = 0.0
 
     def __add__(self, other: "RouterSums") -> "RouterSums":
         return jax.tree.map(jnp.add, self, other)
 
 
-def router_sums(r, num_experts: int, dropped: jax.Array | int = 0) -> RouterSums:
+def router_sums(r, num_experts: int, dropped: jax.Array | int = 0,
+                capacity_factor: jax.Array | float = 0.0) -> RouterSums:
     """`RouterSums` of one routing decision (`routing.Routing` or `ExpertChoice`)."""
     if isinstance(r, routing.ExpertChoice):
         counts_E = jnp.full((num_experts,), r.tokens_EC.shape[1], jnp.int32)
@@ -77,7 +85,8 @@ def router_sums(r, num_experts: int, dropped: jax.Array | int = 0) -> RouterSums
                       ent_sum=-jnp.sum(p_TE * jnp.log(jnp.maximum(p_TE, 1e-20))),
                       num_tokens=jnp.asarray(p_TE.shape[0], jnp.float32),
                       num_assignments=jnp.asarray(num_a, jnp.float32),
-                      dropped=jnp.asarray(dropped, jnp.int32))
+                      dropped=jnp.asarray(dropped, jnp.int32),
+                      capacity_tokens=jnp.asarray(capacity_factor, jnp.float32) * p_TE.shape[0])
 
 
 def finalize(s: RouterSums, expert_choice: bool = False) -> MoEAux:
@@ -92,7 +101,8 @@ def finalize(s: RouterSums, expert_choice: bool = False) -> MoEAux:
     dropped_of = s.num_tokens if expert_choice else s.num_assignments
     return MoEAux(load_balance_loss=lb, z_loss=s.z_sum / s.num_tokens,
                   dropped_fraction=s.dropped.astype(jnp.float32) / dropped_of,
-                  router_entropy=s.ent_sum / s.num_tokens, expert_load=f_E, expert_prob=p_E)
+                  router_entropy=s.ent_sum / s.num_tokens, expert_load=f_E, expert_prob=p_E,
+                  capacity_factor=jnp.asarray(s.capacity_tokens, jnp.float32) / s.num_tokens)
 
 
 def sums_of(aux: MoEAux, num_tokens: int, num_assignments: int,
@@ -104,7 +114,8 @@ def sums_of(aux: MoEAux, num_tokens: int, num_assignments: int,
                       z_sum=aux.z_loss * t, ent_sum=aux.router_entropy * t,
                       num_tokens=jnp.asarray(t, jnp.float32),
                       num_assignments=jnp.asarray(a, jnp.float32),
-                      dropped=aux.dropped_fraction * (t if expert_choice else a))
+                      dropped=aux.dropped_fraction * (t if expert_choice else a),
+                      capacity_tokens=jnp.asarray(aux.capacity_factor, jnp.float32) * t)
 
 
 def combine_aux(auxes: Sequence[MoEAux], num_tokens: Sequence[int], assignments_per_token: float,

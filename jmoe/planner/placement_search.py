@@ -168,7 +168,7 @@ def placement_options(moe: MoEConfig, rec: RecordedLoads, *, ep: int, tokens_per
     if ep <= 1:
         return []
     span = int(rec.steps_W[-1] - rec.steps_W[0]) or 1
-    gap = int(np.min(np.diff(rec.steps_W))) if len(rec.steps_W) > 1 else 1
+    gap = int(np.median(np.diff(rec.steps_W))) if len(rec.steps_W) > 1 else 1
     if intervals is None:
         intervals = sorted({gap * k for k in (1, 2, 5, 10, 20)})
     out = []

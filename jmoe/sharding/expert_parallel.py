@@ -90,7 +90,8 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
                 buf, counts, w, cfg, ep, tp, names),
             # Rows are sorted per global expert before the exchange; the
             # receiving side pads to `group_align` when it regroups them.
-            dropless_align=1, placement=placement, regroup=regroup)
+            dropless_align=1, placement=placement, regroup=regroup,
+            reduce_need=(lambda n: lax.pmax(n, tok)) if tok else None)
 
     def body(x, xr, w_DE, bias, w, placement):
         if cfg.dispatch == "dropless" and cfg.execution.overlap_chunks > 1:

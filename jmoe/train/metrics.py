@@ -144,6 +144,8 @@ class Reporter:
             imb = float(np.max(mean["expert_load"]) * mean["expert_load"].shape[-1])
             line += (f"  lb {_scalar(mean['load_balance_loss']):.3f}  "
                      f"max-load x{imb:.2f}  drop {_scalar(mean['dropped_fraction']):.3f}")
+        if _scalar(mean.get("capacity_factor", 0.0)) > 0:  # capacity dispatch: the buffers used
+            line += f"  cap x{_scalar(mean['capacity_factor']):.2f}"
         if "busiest_device" in mean:  # online re-placement: busiest device / mean
             line += (f"  dev-load x{_scalar(mean['busiest_device']):.2f} "
                      f"(static x{_scalar(mean['busiest_device_static']):.2f})")

@@ -187,7 +187,7 @@ def train_step(state: TrainState, batch_BT1: jax.Array, placement=None, *,
     metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step))
     if aux is not None:
         metrics.update(expert_load=aux.expert_load, dropped_fraction=aux.dropped_fraction,
-                       router_entropy=aux.router_entropy)
+                       router_entropy=aux.router_entropy, capacity_factor=aux.capacity_factor)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            buffers=buffers)
     return new_state, metrics

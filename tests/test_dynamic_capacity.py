@@ -1,0 +1,132 @@
+"""Dynamic capacity (issue 18, Tutel's rule): `capacity_factor = 0` sizes each
+call's buffers to what it needs (nothing drops), `-x` to what it needs up to
+x; the size comes from a few precompiled buckets chosen at run time, so a
+new need never recompiles; the capacity used is reported."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jmoe
+from cfg_helpers import moe_config
+from checks import assert_tree_close
+from jmoe.sharding import make_mesh
+
+D, F, E, T, K = 16, 32, 8, 128, 2
+ALL_TO_ONE = jnp.zeros((E,)).at[3].set(5.0)  # every token's first choice is expert 3
+SKEWED = jnp.zeros((E,)).at[0].set(0.1)  # expert 0 takes ~2x the mean
+
+
+def _cfg(**kw):
+    base = dict(d_model=D, d_ff=F, num_experts=E, top_k=K, group_align=4,
+                router="sigmoid_topk")
+    base.update(kw)
+    return moe_config(**base)
+
+
+def _inputs():
+    params = jmoe.init_params(jax.random.key(0), _cfg())
+    x = jax.random.normal(jax.random.key(1), (T, D))
+    return params, x, jax.random.normal(jax.random.key(2), x.shape)
+
+
+def _fwd_bwd(cfg, params, x, ct, bias, mesh):
+    def run(p, x, ct):
+        f = lambda p, x: jmoe.moe_apply(p, x, cfg, bias=bias, mesh=mesh)
+        (y, aux), vjp = jax.vjp(f, p, x)
+        return y, aux, vjp((ct, jax.tree.map(jnp.zeros_like, aux)))
+    return jax.jit(run)(params, x, ct)
+
+
+MESHES = [None, (2, 4)]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_capacity_zero_drops_nothing_and_equals_dropless(mesh):
+    """Every token sends its first choice to one expert (the worst case a
+    fixed capacity drops most of): capacity 0 drops nothing, and the output
+    and every gradient equal the dropless layer's."""
+    params, x, ct = _inputs()
+    m = make_mesh(data=mesh[0], expert=mesh[1]) if mesh else None
+    y0, _, g0 = _fwd_bwd(_cfg(), params, x, ct, ALL_TO_ONE, m)
+    # One bucket below the largest on the mesh: fewer branches to compile.
+    buckets = dict(capacity_buckets=(1.5,)) if mesh else {}
+    y1, aux, g1 = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=0.0, **buckets), params,
+                           x, ct, ALL_TO_ONE, m)
+    assert float(aux.dropped_fraction) == 0.0
+    # The whole shard went to one expert: its capacity was every token of the shard.
+    shards = mesh[0] * mesh[1] if mesh else 1
+    t_local = T // shards
+    assert float(aux.capacity_factor) == pytest.approx(t_local * E / (t_local * K))
+    assert_tree_close((y1, g1), (y0, g0))
+
+
+@pytest.mark.parametrize("mesh", [None, (1, 8)])
+def test_negative_capacity_drops_like_the_fixed_capacity_it_is_bounded_by(mesh):
+    """-x with a need above x: the same drops, output and gradients as the
+    fixed capacity factor x; with a need below x, nothing drops."""
+    params, x, ct = _inputs()
+    m = make_mesh(data=mesh[0], expert=mesh[1]) if mesh else None
+    y_fix, a_fix, g_fix = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=1.5), params, x,
+                                   ct, ALL_TO_ONE, m)
+    y_dyn, a_dyn, g_dyn = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=-1.5,
+                                        capacity_buckets=(1.25,)), params, x, ct, ALL_TO_ONE, m)
+    assert float(a_fix.dropped_fraction) > 0.2
+    assert float(a_dyn.dropped_fraction) == float(a_fix.dropped_fraction)
+    assert float(a_dyn.capacity_factor) == float(a_fix.capacity_factor)
+    assert_tree_close((y_dyn, g_dyn), (y_fix, g_fix))
+    # A need below the bound: the smallest bucket that holds it, no drops.
+    _, a_low, _ = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=-3.0,
+                                capacity_buckets=(1.5,)), params, x, ct, jnp.zeros((E,)), m)
+    assert float(a_low.dropped_fraction) == 0.0
+    # One device (128 tokens) needs the 1.5x bucket; a 16-token shard may need the bound.
+    assert float(a_low.capacity_factor) <= 3.0
+    if mesh is None:
+        assert float(a_low.capacity_factor) == 1.5
+
+
+def test_the_smallest_bucket_that_holds_the_need_is_used():
+    """On one device, against the need counted here from the routing: the
+    capacity used is the smallest of the choices (buckets 1.25x, 1.5x, 2x,
+    3x of T*K/E, then every token) that holds the busiest expert."""
+    params, x, ct = _inputs()
+    cfg = _cfg(dispatch="capacity", capacity_factor=0.0)
+    assert cfg.capacity_choices(T, E) == [40, 48, 64, 96, 128]
+    r = jmoe.routing.route(jmoe.routing.router_logits(x, params["router"]["w_DE"]), cfg, SKEWED)
+    need = int(np.bincount(np.asarray(r.experts_TK).reshape(-1), minlength=E).max())
+    want = min(c for c in cfg.capacity_choices(T, E) if c >= need)
+    _, aux, _ = _fwd_bwd(cfg, params, x, ct, SKEWED, None)
+    assert float(aux.capacity_factor) == pytest.approx(want * E / (T * K))
+    assert float(aux.dropped_fraction) == 0.0
+    assert 40 < want < 128  # the router is skewed, but not to the worst case
+
+
+def test_a_new_need_never_recompiles():
+    """Needs that take different buckets run in one compiled program."""
+    params, x, _ = _inputs()
+    cfg = _cfg(dispatch="capacity", capacity_factor=0.0)
+    traces = []
+
+    @jax.jit
+    def layer(p, x, bias):
+        traces.append(1)
+        return jmoe.moe_apply(p, x, cfg, bias=bias)[1].capacity_factor
+
+    used = [float(layer(params, x, b)) for b in (jnp.zeros((E,)), SKEWED, ALL_TO_ONE)]
+    assert len(set(used)) == 3 and len(traces) == 1
+    assert layer._cache_size() == 1
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(router="expert_choice", dispatch="capacity", capacity_factor=0.0),
+     "expert_choice fills a fixed capacity"),
+    (dict(dispatch="capacity", capacity_factor=math.nan), "must be a finite number"),
+    (dict(dispatch="capacity", capacity_factor=0.0, capacity_buckets=(2.0, 1.5)),
+     "increasing factors > 0"),
+])
+def test_bad_capacity_settings_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(**kw)
