@@ -62,6 +62,7 @@ def _tokenizer(path: str) -> None:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(words[:3])  # skipped by decode(skip_special_tokens=True)
     tok.save(os.path.join(path, "tokenizer.json"))
 
 

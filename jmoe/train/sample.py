@@ -7,12 +7,19 @@ The model and vocabulary come from the config saved in the checkpoint. Byte
 vocabularies (the stdlib and text sources) print text; token files print ids.
 Each new token runs the model over a window of at most `seq_len` tokens (no
 KV cache: simple, and fast enough for the small models this is meant for).
+
+Given a Hugging Face directory instead (config.json + safetensors +
+tokenizer.json; Mixtral, Qwen2-MoE, Qwen3-MoE), it imports it with `jmoe.hf`
+and samples with a KV cache (prefill, then one token per step):
+
+  python -m jmoe.sample path/to/hf_dir --prompt "Hello" --length 64 --top_p 0.9
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from typing import Optional
 
@@ -21,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jmoe import model as model_lib, model_config
+from jmoe import hf, model as model_lib, model_config
 from jmoe.train import checkpoint, step as step_lib
 
 
@@ -76,7 +83,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--top_k", type=int, default=40, help="0: sample from the full distribution")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ap.add_argument("--top_p", type=float, default=1.0,
+                    help="nucleus sampling (Hugging Face directories; 1.0: off)")
+    ap.add_argument("--no_bos", action="store_true",
+                    help="do not put the checkpoint's BOS id before the prompt (HF)")
     args = ap.parse_args(argv)
+    if os.path.exists(os.path.join(args.workdir, "config.json")):
+        return sample_hf(args)
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)  # Orbax notes that a read-only manager is read-only
@@ -99,6 +112,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.write("\n")
     else:
         print(",".join(map(str, toks)))
+    return 0
+
+
+def sample_hf(args) -> int:
+    """`main` for a Hugging Face directory: jmoe.hf import, its tokenizer, KV-cache decode."""
+    from jmoe.hf import tokenizer as tokenizer_lib  # the optional `tokenizers` dependency
+
+    try:
+        cfg, params = hf.load(args.workdir)
+        tok = tokenizer_lib.load(args.workdir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ids = tok.encode(args.prompt, add_bos=not args.no_bos)
+    out = hf.generate(params, cfg, [ids], max_new_tokens=args.length,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      seed=args.seed)[0].tolist()
+    if cfg.eos_token_id in out:
+        out = out[:out.index(cfg.eos_token_id)]
+    print(f"# {args.workdir} ({cfg.model_type}), temperature {args.temperature}, top-k "
+          f"{args.top_k}, top-p {args.top_p}, seed {args.seed}", file=sys.stderr)
+    print(tok.decode(ids + out))
     return 0
 
 
