@@ -63,6 +63,7 @@ def _model(**kw) -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype ("bfloat16" on GPU/TPU)
         param_dtype="float32",
         scmoe=False,  # ScMoE shortcut-connected MoE: a different model, off by default
+        scan_layers=False,  # blocks under one lax.scan per group of layers (docs/scale.md)
         # --- MoE layer (jmoe.MoEConfig) ---
         num_experts=16,
         top_k=2,
@@ -183,7 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if variant == "small":
         c.model.update(d_model=512, num_layers=8, num_heads=8, num_experts=16, top_k=2,
-                       d_ff=512, dtype="bfloat16")
+                       d_ff=512, dtype="bfloat16", scan_layers=True)
         c.data.seq_len = 1024
         c.batch_size = 64
         c.total_steps = 20_000
@@ -192,7 +193,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant == "medium":
         c.model.update(d_model=1024, num_layers=16, num_heads=16, num_experts=32, top_k=4,
                        d_ff=512, num_shared_experts=1, shared_d_ff=1024, vocab_size=256,
-                       dtype="bfloat16")
+                       dtype="bfloat16", scan_layers=True)
         c.execution.remat = "dots"
         c.data.seq_len = 2048
         c.batch_size = 256
@@ -202,7 +203,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif variant == "mixtral_8x7b":
         c.model.update(vocab_size=32_000, d_model=4096, num_layers=32, num_heads=32,
                        num_kv_heads=8, num_experts=8, top_k=2, d_ff=14_336,
-                       rope_theta=1e6, norm_eps=1e-5, dtype="bfloat16", group_align=256)
+                       rope_theta=1e6, norm_eps=1e-5, dtype="bfloat16", group_align=256,
+                       scan_layers=True)
         c.execution.remat = "full"
         c.data.update(source="tokens", path="", seq_len=4096)
         c.batch_size = 1024
@@ -214,7 +216,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.update(vocab_size=102_400, d_model=2048, num_layers=28, num_heads=16,
                        num_experts=64, top_k=6, d_ff=1408, num_shared_experts=2,
                        first_dense_layers=1, dense_d_ff=10_944, router="sigmoid_topk",
-                       bias_update_rate=1e-3, dtype="bfloat16", group_align=256)
+                       bias_update_rate=1e-3, dtype="bfloat16", group_align=256,
+                       scan_layers=True)
         c.execution.remat = "full"
         c.loss.load_balance_weight = 1e-4  # sequence-wise balance is secondary to the bias
         c.data.update(source="tokens", path="", seq_len=4096)

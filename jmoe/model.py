@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jmoe import experts
@@ -200,7 +201,14 @@ class GPT(nnx.Module):
         self.cfg = cfg
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed_VD = nnx.Param(_init(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt))
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        blocks = [Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)]
+        if cfg.scan_layers:
+            # Built per layer as above, then stacked: the same initial weights
+            # as the unscanned model of the same seed.
+            self.stacks = nnx.List([BlockStack(blocks[a:a + period * repeats], period)
+                                    for a, period, repeats in scan_groups(cfg)])
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:
             self.unembed_DV = nnx.Param(
@@ -214,6 +222,8 @@ class GPT(nnx.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         x_BTD = jnp.take(self.embed_VD[...], tokens_BT, axis=0).astype(dt)
+        if cfg.scan_layers:
+            return self._scanned(x_BTD, train, rng, placement)
         auxes = []
         for i, block in enumerate(self.blocks):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -247,8 +257,105 @@ class GPT(nnx.Module):
             return jnp.einsum("btd,dv->btv", x_BTD, self.embed_VD[...].T.astype(dt) * scale)
         return jnp.einsum("btd,dv->btv", x_BTD, self.unembed_DV[...].astype(dt))
 
+    def _scanned(self, x_BTD, train, rng, placement):
+        """The blocks as one `lax.scan` per group of `scan_groups`."""
+        if placement is not None:
+            raise ValueError("placement= needs per-layer blocks: set "
+                             "config.model.scan_layers=false to re-place experts online.")
+        cfg, pieces = self.cfg, []
+        for (start, _, _), stack in zip(scan_groups(cfg), self.stacks):
+            x_BTD, aux = stack(x_BTD, start, train, rng, cfg.execution.remat)
+            if aux is not None:
+                pieces.append(aux)
+        logits_BTV = self._unembed(self.final_norm(x_BTD)).astype(jnp.float32)
+        aux = jax.tree.map(lambda *a: jnp.concatenate(a), *pieces) if pieces else None
+        return logits_BTV, aux
+
     def moe_blocks(self) -> list[MoE]:
-        return [b.ffn for b in self.blocks if b.is_moe]
+        """The MoE layers in layer order; with `scan_layers`, one module per
+        MoE position of each stack, holding that position's [R] layers."""
+        return [layer for layer, _ in self.moe_block_rows()]
+
+    def moe_block_rows(self) -> list[tuple[MoE, Any]]:
+        """(MoE module, its rows in the [L_moe] axis of the model's aux): an
+        int for an unscanned layer, an int array [R] for a stacked one."""
+        if not self.cfg.scan_layers:
+            return [(b.ffn, i) for i, b in enumerate(b for b in self.blocks if b.is_moe)]
+        out, first = [], 0
+        for stack in self.stacks:
+            moe_at = [j for j, b in enumerate(stack.layers) if b.is_moe]
+            for q, j in enumerate(moe_at):
+                rows = first + q + len(moe_at) * np.arange(stack.repeats)
+                out.append((stack.layers[j].ffn, rows))
+            first += len(moe_at) * stack.repeats
+        return out
+
+
+def scan_groups(cfg: GPTConfig) -> list[tuple[int, int, int]]:
+    """(first layer, period, repeats) of each group of layers that one
+    `lax.scan` runs with `scan_layers`: layers first + r * period + j for
+    r < repeats, j < period, each repeat the same sequence of block shapes.
+
+    The first dense layers are one group, then one group of the periods of
+    `moe_every` (moe_every - 1 dense blocks, then an MoE block), then the
+    dense layers left over at the top; an all-dense model is one group.
+    """
+    n, f = cfg.num_layers, min(cfg.first_dense_layers, cfg.num_layers)
+    if not cfg.moe_layers:
+        return [(0, 1, n)]
+    periods = (n - f) // cfg.moe_every
+    tail = f + periods * cfg.moe_every
+    groups = [(0, 1, f), (f, cfg.moe_every, periods), (tail, 1, n - tail)]
+    return [g for g in groups if g[2] > 0]
+
+
+class BlockStack(nnx.Module):
+    """`repeats` repeats of `period` consecutive blocks, run by one `lax.scan`.
+
+    `layers[j]` is block j of the period with every variable stacked on a
+    leading [R] axis (R = repeats); the scan slices out one repeat's
+    variables per step, so the program holds `period` blocks, not R * period.
+    """
+
+    def __init__(self, blocks: list[Block], period: int):
+        self.period, self.repeats = period, len(blocks) // period
+        stacked = []
+        for j in range(period):
+            same = blocks[j::period]
+            graphdef, _ = nnx.split(same[0])
+            state = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in same])
+            stacked.append(nnx.merge(graphdef, state))
+        self.layers = nnx.List(stacked)
+
+    def __call__(self, x_BTD: jax.Array, first: int, train: bool, rng: Optional[jax.Array],
+                 remat: str):
+        """Returns (x_BTD, aux of this stack's MoE layers in layer order, or None)."""
+        splits = [nnx.split(layer) for layer in self.layers]
+        p = self.period
+
+        def body(x_BTD, xs):
+            r, states = xs
+            auxes = []
+            for j, ((graphdef, _), state) in enumerate(zip(splits, states)):
+                block = nnx.merge(graphdef, state)
+                # The unscanned model's per-layer key: fold_in(rng, layer index).
+                layer_rng = None if rng is None else jax.random.fold_in(rng, first + r * p + j)
+                if remat == "none":
+                    x_BTD, aux = block(x_BTD, train, layer_rng, None)
+                else:
+                    x_BTD, aux = _remat_block(block, x_BTD, train, layer_rng, None, remat)
+                if aux is not None:
+                    auxes.append(aux)
+            return x_BTD, auxes
+
+        x_BTD, ys = jax.lax.scan(body, x_BTD, (jnp.arange(self.repeats),
+                                               [state for _, state in splits]))
+        if not ys:
+            return x_BTD, None
+        # ys[q]: the q-th MoE block of the period, [R, ...]; layer order is
+        # repeat-major, so interleave: row r * len(ys) + q.
+        aux = jax.tree.map(lambda *a: jnp.stack(a, axis=1).reshape((-1,) + a[0].shape[1:]), *ys)
+        return x_BTD, aux
 
 
 def init_model(cfg: GPTConfig, seed: int = 0) -> GPT:

@@ -76,6 +76,11 @@ class GPTConfig:
     # while a dense MLP of one expert's size reads the current representation;
     # both outputs are added. The all-to-all then has the attention to hide behind.
     scmoe: bool = False
+    # Run the blocks under `jax.lax.scan` over parameters stacked per group of
+    # layers that share a shape (`jmoe.model.scan_groups`): compile time no
+    # longer grows with depth. The same function and the same initial
+    # weights, but another parameter layout, so a checkpoint keeps its value.
+    scan_layers: bool = False
     moe: Optional[MoEConfig] = None  # None when no layer is an MoE layer
     execution: ModelExecution = ModelExecution()
 
@@ -131,6 +136,8 @@ class GPTConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or v < 0:
                 fail(f, v, "must be an integer >= 0.")
+        if not isinstance(self.scan_layers, bool):
+            fail("scan_layers", self.scan_layers, "must be a bool: true or false.")
         if not self.head_dim and self.d_model % self.num_heads:
             fail("num_heads", self.num_heads,
                  f"must divide d_model={self.d_model} (or set head_dim).")

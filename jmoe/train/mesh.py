@@ -35,11 +35,30 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
+# A leaf of layers stacked for `lax.scan` (model.scan_layers): a leading [R]
+# axis over ".../stacks/<g>/layers/<j>/...", then one layer's shape.
+_STACKED_LEAF = re.compile(r"(?:^|/)stacks/\d+/layers/\d+/")
+
+
 def spec_for(path: str, shape: tuple[int, ...], axis_names, fsdp_size: int = 1) -> P:
     """The partition spec of the state leaf at `path` ('/'-joined keys) of `shape`.
 
     `fsdp_size` > 1 (the 'data' axis size, with FSDP on) adds the FSDP split.
+    A stacked leaf (scan_layers) is split as one layer's, its [R] axis whole:
+    the scan slices one layer per step without moving data between devices.
     """
+    if is_stacked(path) and shape:
+        return P(None, *_layer_spec(path, tuple(shape[1:]), axis_names, fsdp_size))
+    return _layer_spec(path, shape, axis_names, fsdp_size)
+
+
+def is_stacked(path: str) -> bool:
+    """Whether the state leaf at `path` holds one entry per layer of a scan
+    (model.scan_layers): its first axis is the [R] layers, not the weight's."""
+    return _STACKED_LEAF.search(path) is not None
+
+
+def _layer_spec(path: str, shape: tuple[int, ...], axis_names, fsdp_size: int) -> P:
     m = _EXPERT_LEAF.search(path)
     expert = specs.EXPERT_SPECS.get(m.group(1)) if m else None
     spec = expert if expert is not None and len(shape) == len(expert) else specs.REPLICATED

@@ -103,6 +103,10 @@ def check_model(pc: PlacementConfig, gpt: GPTConfig, ep: int) -> None:
         return
     if gpt.dense or gpt.moe is None:
         _fail("every", pc.every, "the model has no MoE layers: set placement.every=0.")
+    if gpt.scan_layers:
+        # Re-placement moves experts per layer (paths blocks/<i>/ffn/experts).
+        _fail("every", pc.every, "online re-placement needs per-layer blocks: set "
+              "model.scan_layers=false, or placement.every=0.")
     if gpt.moe.router == "expert_choice":
         _fail("every", pc.every, "expert_choice routing fills a fixed capacity per expert "
               "and cannot be placed: use a token-choice router or placement.every=0.")

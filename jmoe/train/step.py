@@ -20,7 +20,7 @@ from flax import nnx, struct
 from jmoe import routing
 from jmoe.model import GPT
 from jmoe.model_config import GPTConfig
-from jmoe.train import rebalance
+from jmoe.train import mesh as mesh_lib, rebalance
 
 
 @struct.dataclass
@@ -81,7 +81,10 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
     """AdamW with global-norm clipping; no weight decay on vectors (norm scales)."""
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    # A stacked leaf (scan_layers) counts by one layer's rank: its norm
+    # scales are [R, D], vectors all the same.
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda p, x: x.ndim - mesh_lib.is_stacked(mesh_lib.path_str(p)) >= 2, params)
     parts = []
     if opt_cfg.grad_clip > 0:
         parts.append(clip_by_global_norm(opt_cfg.grad_clip))
@@ -197,9 +200,11 @@ def _update_router_biases(graphdef, params, buffers, aux, rate: float) -> nnx.St
     """Aux-loss-free balancing, outside the optimizer: nudge each MoE layer's
     selection bias toward its under-loaded experts (DeepSeek-V3)."""
     model = nnx.merge(graphdef, params, buffers)
-    for i, layer in enumerate(model.moe_blocks()):
-        layer.router.bias[...] = routing.update_bias(layer.router.bias[...],
-                                                     aux.expert_load[i], rate)
+    for layer, rows in model.moe_block_rows():
+        # A stacked layer (scan_layers) holds [R] biases: one update per row.
+        update = routing.update_bias if isinstance(rows, int) else jax.vmap(
+            routing.update_bias, in_axes=(0, 0, None))
+        layer.router.bias[...] = update(layer.router.bias[...], aux.expert_load[rows], rate)
     _, _, new_buffers = split_model(model)
     return new_buffers
 
