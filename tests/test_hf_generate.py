@@ -43,9 +43,10 @@ def test_cached_decode_equals_uncached_at_every_position(qwen2):
         err = np.max(np.abs(ref - logits[b])) / np.max(np.abs(ref))
         assert err < 1e-4, (b, err)
     # Static shapes: another batch of the same sizes compiles nothing new.
-    sizes = gen.prefill._cache_size(), gen.decode_step._cache_size()
-    hf.generate(params, cfg, [p[::-1] for p in prompts], max_new_tokens=n, temperature=0.0)
-    assert (gen.prefill._cache_size(), gen.decode_step._cache_size()) == sizes
+    sizes = gen.prefill._cache_size(), gen._sample_and_decode._cache_size()
+    hf.generate(params, cfg, [p[::-1] for p in prompts], max_new_tokens=n, temperature=1.0,
+                top_k=20, top_p=0.95, seed=4)
+    assert (gen.prefill._cache_size(), gen._sample_and_decode._cache_size()) == sizes
 
 
 def test_decode_does_not_pad_experts_to_group_align(qwen2):

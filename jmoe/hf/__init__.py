@@ -8,7 +8,7 @@ See docs/huggingface.md.
 """
 
 from jmoe.hf.config import FAMILIES, HFConfig, UnsupportedCheckpoint, load_config
-from jmoe.hf.load import load, save
+from jmoe.hf.convert import load, save
 from jmoe.hf.generation import generate, sample_logits
 from jmoe.hf.model import forward, init_cache
 

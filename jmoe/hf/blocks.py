@@ -30,7 +30,7 @@ import numpy as np
 from jmoe.config import MoEConfig
 from jmoe.hf import config as config_lib
 from jmoe.hf.config import UnsupportedCheckpoint
-from jmoe.hf.load import Leaf, _copy, _experts, _fused, _linear, _vector, check, place
+from jmoe.hf.convert import Leaf, _copy, _experts, _fused, _linear, _vector, check, place
 from jmoe.hf.safetensors import Checkpoint
 
 BLOCK_FAMILIES = ("deepseek_v3", "gpt_oss")

@@ -62,6 +62,16 @@ def decode_step(params, tok_B, pos_B, cache, cfg: HFConfig):
     return logits_B1V[:, 0], cache
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p"),
+                   donate_argnames=("cache",))
+def _sample_and_decode(params, logits_BV, pos_B, cache, key, cfg: HFConfig, temperature: float,
+                       top_k: int, top_p: float):
+    """Samples from `logits_BV` and feeds the tokens back: one dispatch per token."""
+    tok_B = sample_logits(logits_BV, key, temperature, top_k, top_p)
+    logits_BV, cache = decode_step.__wrapped__(params, tok_B, pos_B, cache, cfg)
+    return tok_B, logits_BV, cache
+
+
 _sample = jax.jit(sample_logits, static_argnames=("temperature", "top_k", "top_p"))
 
 
@@ -94,12 +104,15 @@ def generate(params, cfg: HFConfig, prompts: Sequence[Sequence[int]], *, max_new
     pos_B = jnp.asarray(lengths_B)
     toks, logits = [], []
     for i in range(max_new_tokens):
-        tok_B = _sample(logits_BV, jax.random.fold_in(key, i), temperature, top_k, top_p)
-        toks.append(tok_B)
         if return_logits:
             logits.append(logits_BV)
+        step_key = jax.random.fold_in(key, i)
         if i + 1 < max_new_tokens:
-            logits_BV, cache = decode_step(params, tok_B, pos_B + i, cache, cfg)
+            tok_B, logits_BV, cache = _sample_and_decode(params, logits_BV, pos_B + i, cache,
+                                                         step_key, cfg, temperature, top_k, top_p)
+        else:
+            tok_B = _sample(logits_BV, step_key, temperature, top_k, top_p)
+        toks.append(tok_B)
     out = np.stack([np.asarray(t) for t in toks], axis=1)
     if return_logits:
         return out, np.stack([np.asarray(l) for l in logits], axis=1)
