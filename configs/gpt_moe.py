@@ -106,6 +106,7 @@ def _execution(**kw) -> ml_collections.ConfigDict:
         overlap_chunks=1,  # chunks of all-to-all/expert pipelining (Tutel overlap degree)
         collective_matmul=False,  # ring reduce-scatter for expert tensor parallelism
         shadow_experts=0,  # FasterMoE: the step's s hottest experts computed on every device
+        capacity_buckets=(1.25, 1.5, 2.0, 3.0),  # dynamic capacity (capacity_factor <= 0): sizes tried
     )
     e.update(kw)
     return ml_collections.ConfigDict(e)
@@ -173,6 +174,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         spare_slots=0,  # redundant slots per device, for replicas of hot experts
         policy="cost_model",  # cost_model: move when the planner says it pays | always
         hardware="auto",  # planner profile that prices the decision (auto: this GPU, else h100)
+    ))
+
+    # Run-time plan switching (docs/adaptive.md): the planner shortlists plans
+    # that differ only in how the MoE layers run; the trainer times each on
+    # real steps and runs the fastest.
+    c.adaptive = ml_collections.ConfigDict(dict(
+        plans=0,  # plans to switch among; 0 or 1: off
+        trials=2,  # timed steps per plan per timing round
+        retime_every=0,  # steps between timing rounds; 0: only at start and on a load shift
+        load_shift=0.0,  # re-time when expert loads move this far (total variation); 0: never
     ))
 
     # Mesh sizes; one may be -1 (the remaining devices). Tokens are sharded

@@ -35,7 +35,7 @@ from jmoe.runtime import distributed as dist
 from jmoe.sharding import make_mesh
 from jmoe.sharding.checks import check_layer_on_mesh
 from jmoe.train import checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, step as step_lib
-from jmoe.train import rebalance, workdir_lock
+from jmoe.train import plans, rebalance, workdir_lock
 from jmoe.train import compile_report
 
 
@@ -282,6 +282,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         mesh = make_mesh(config.mesh, owner="config.mesh")
         validate_mesh(config, gpt, mesh)
         placement_cfg = rebalance.placement_config(config.get("placement"))
+        adaptive_cfg = plans.adaptive_config(config.get("adaptive"))
         rebalance.check_model(placement_cfg, gpt, mesh.shape["expert"])
         corpus = data.load_corpus(config.data, gpt.vocab_size)
     except ValueError as e:
@@ -370,12 +371,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             say(f"placement: experts in slot order, {placer.rb.slots} slots per device "
                 f"({placement_cfg.spare_slots} spare), re-placed every {placement_cfg.every} "
                 f"steps (policy {placement_cfg.policy}); {placed}")
-        train_fn, eval_fn = step_lib.jit_steps(
-            placer.shardings if placer else shardings, batch_sharding, graphdef, tx, schedule,
-            scfg, placement_sharding=placer.replicated if placer else None,
-            block_to_moe=placer.block_to_moe if placer else None)
+        def make_steps(graph):
+            return step_lib.jit_steps(
+                placer.shardings if placer else shardings, batch_sharding, graph, tx, schedule,
+                scfg, placement_sharding=placer.replicated if placer else None,
+                block_to_moe=placer.block_to_moe if placer else None)
+
+        train_fn, eval_fn = make_steps(graphdef)
         # The placement is data: a new one reuses the compiled steps.
         place_args = lambda: (placer.arrays(),) if placer else ()
+        adaptive = None
+        if adaptive_cfg.enabled:
+            # Plans that share the parameter layout; each compiles once, at
+            # its first step, and the switch runs the fastest (jmoe.adaptive).
+            variants = plans.shortlist(adaptive_cfg, gpt, config, mesh, placement_cfg.hardware)
+            adaptive = plans.AdaptiveSteps(adaptive_cfg, {
+                name: (train_fn, eval_fn) if g == gpt else make_steps(
+                    step_lib.graphdef_of(g, slot_weights=placement_cfg.enabled))
+                for name, g in variants.items()},
+                on_choice=lambda c: rep.event(step, "adaptive", {
+                    "medians_s": c.medians, "chosen": c.chosen,
+                    "plans": adaptive.names}, c.message()))
+            say(f"adaptive: switching among {len(variants)} plan(s) {list(variants)} "
+                f"(timing {adaptive_cfg.trials} steps each)")
+        train_call = adaptive.train if adaptive else train_fn
+        eval_call = adaptive.evaluate if adaptive else eval_fn
         # Compiled here, before the first step, to print its compile time and
         # XLA's memory analysis (docs/scale.md); the first call reuses it.
         example_BT1 = jax.ShapeDtypeStruct((batch, seq_len + 1), np.int32,
@@ -384,7 +404,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
         def evaluate(s: int) -> float:
             t0 = time.perf_counter()
-            loss = float(np.mean([float(eval_fn(state, b, *place_args())) for b in eval_set]))
+            loss = float(np.mean([float(eval_call(state, b, *place_args())) for b in eval_set]))
             rep.eval(s, loss, time.perf_counter() - t0)
             return loss
 
@@ -407,6 +427,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             m = jax.device_get(m)
             if placer is not None:
                 m = placer.observe(m)
+            if adaptive is not None:
+                m = adaptive.observe(m)
             for key in ("loss", "grad_norm"):  # a NaN gradient poisons the next state
                 if not math.isfinite(float(m[key])):
                     kept = mgr.latest_step()
@@ -429,7 +451,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                 val_loss = evaluate(step)
             while step < config.total_steps:
                 batch_BT1 = data.to_global(next(train_it), batch_sharding, batch)
-                state, m = train_fn(state, batch_BT1, *place_args())
+                state, m = train_call(state, batch_BT1, *place_args())
                 drain()  # the previous step's metrics, while this one runs
                 step += 1
                 pending = (step, m)

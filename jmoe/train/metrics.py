@@ -121,8 +121,11 @@ class Reporter:
             return {}
         dt = max(time.perf_counter() - self.window_t0, 1e-9)
         nsteps = max(step - self.window_step0, 1)
+        # Adaptive plans: which plans the window's steps ran (an index set,
+        # not a mean).
+        ran = sorted({int(m["plan"]) for m in self.window if "plan" in m})
         mean = {k: np.mean(np.stack([np.asarray(m[k], np.float64) for m in self.window]), 0)
-                for k in self.window[0]}
+                for k in self.window[0] if k != "plan"}
         self.window = []
         speed = ""
         if timed:
@@ -134,7 +137,9 @@ class Reporter:
         self.window_t0, self.window_step0 = time.perf_counter(), step
         if not self.enabled:
             return mean
-        self._write(step, mean, prefix="train")
+        self._write(step, mean, prefix="train", extra={"plans": ran} if ran else None)
+        if ran:
+            self.tb.add_scalar("train/plan", float(ran[-1]), step)
         if timed:
             self.progress.update(self.task, tps=f"{tps:,.0f}", mfu=f"{100 * mfu:.1f}%")
         self.progress.update(self.task, loss=f"{mean['loss']:.3f}")
@@ -146,11 +151,24 @@ class Reporter:
                      f"max-load x{imb:.2f}  drop {_scalar(mean['dropped_fraction']):.3f}")
         if _scalar(mean.get("capacity_factor", 0.0)) > 0:  # capacity dispatch: the buffers used
             line += f"  cap x{_scalar(mean['capacity_factor']):.2f}"
+        if ran:  # adaptive plans: the plans the window's steps ran (indices)
+            line += f"  plan {ran[0]}" if len(ran) == 1 else (
+                "  plans " + ",".join(map(str, ran)) + " (timing)")
         if "busiest_device" in mean:  # online re-placement: busiest device / mean
             line += (f"  dev-load x{_scalar(mean['busiest_device']):.2f} "
                      f"(static x{_scalar(mean['busiest_device_static']):.2f})")
         self.log(line)
         return mean
+
+    def event(self, step: int, split: str, fields: dict, message: str) -> None:
+        """Logs `message` and writes `fields` to metrics.jsonl as a record of
+        its own `split` (e.g. "adaptive": a timing round of the plan switch)."""
+        if not self.enabled:
+            return
+        self.log(message)
+        self.jsonl.write(json.dumps({"step": step, "split": split, "time": time.time(),
+                                     **fields}) + "\n")
+        self.jsonl.flush()
 
     def placement(self, step: int, decision, every: int) -> None:
         """Logs a re-placement decision (`jmoe.train.rebalance.Decision`) with
@@ -182,8 +200,8 @@ class Reporter:
         self.log(f"step {step:>6d}  [bold]val loss {val_loss:.4f}[/bold] "
                  f"({val_loss / np.log(2):.3f} bits/token, {seconds:.1f}s)")
 
-    def _write(self, step: int, mean: dict, prefix: str) -> None:
-        rec: dict[str, Any] = {"step": step, "split": prefix, "time": time.time()}
+    def _write(self, step: int, mean: dict, prefix: str, extra: Optional[dict] = None) -> None:
+        rec: dict[str, Any] = {"step": step, "split": prefix, "time": time.time(), **(extra or {})}
         for k, v in mean.items():
             v = np.asarray(v)
             if v.ndim == 0:

@@ -120,7 +120,8 @@ def check_model(pc: PlacementConfig, gpt: GPTConfig, ep: int) -> None:
               f"expert axis ({ep}).")
 
 
-def _profile(name: str):
+def planner_profile(name: str):
+    """The planner hardware profile `name` (`auto`: the running GPU's, h100 where unknown)."""
     if name != "auto":
         return hw_lib.get(name)
     kind = jax.devices()[0].device_kind.lower()
@@ -211,7 +212,7 @@ class Rebalancer:
         self.load_sum_LE = np.zeros((num_layers, e))
         self.load_steps = 0
         self.static = Placement.static(e, ep)
-        self.hw = _profile(pc.hardware)
+        self.hw = planner_profile(pc.hardware)
 
     # -- data for the jitted steps -------------------------------------------
 

@@ -1,0 +1,141 @@
+"""Run-time plan switching in the trainer (`config.adaptive`, issue 18).
+
+With `adaptive.plans = n > 1` the planner shortlists `n` execution plans
+for the run's mesh that differ only in how the MoE layers run (overlap
+chunks, all-to-all hierarchy: `jmoe.planner.search.execution_shortlist`),
+so they share the parameter layout and compute the same function. The
+trainer compiles a train step per plan and hands them to a
+`jmoe.adaptive.PlanSwitch`, which times each on real steps and runs the
+fastest; it re-times every `retime_every` steps, and when the recorded
+expert loads move by more than `load_shift` (total-variation distance,
+mean over layers) from those of the last timing. After the warm-up no step
+compiles, and the losses are those of any one plan fixed (to float
+rounding). The plan of every step is in `metrics.jsonl` (`plan`, an index
+into the logged list) and TensorBoard; every timing round is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from jmoe.adaptive import Choice, PlanSwitch
+from jmoe.config import FieldError
+from jmoe.model_config import GPTConfig
+from jmoe.planner import search
+from jmoe.planner.step_cost import Setting
+from jmoe.train import rebalance
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveConfig:
+    """`config.adaptive`, validated.
+
+      plans: plans to switch among (0 or 1 = off: the config's plan only).
+      trials: timed steps per plan in a timing round (after its first, which
+        compiles).
+      retime_every: steps between timing rounds; 0 = only at the start and
+        on a load shift.
+      load_shift: re-time when the expert loads move this far (total
+        variation, 0..1) from those of the last timing; 0 = never.
+    """
+
+    plans: int = 0
+    trials: int = 2
+    retime_every: int = 0
+    load_shift: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.plans > 1
+
+
+def adaptive_config(section) -> AdaptiveConfig:
+    if section is None:
+        return AdaptiveConfig()
+    d = dict(section)
+    known = {f.name for f in dataclasses.fields(AdaptiveConfig)}
+    for k in d:
+        if k not in known:
+            raise FieldError("config.adaptive", k, d[k], f"unknown field; the fields are "
+                             f"{sorted(known)}.")
+    ac = AdaptiveConfig(**d)
+    for name, low in (("plans", 0), ("trials", 1), ("retime_every", 0)):
+        v = getattr(ac, name)
+        if not isinstance(v, int) or v < low:
+            raise FieldError("config.adaptive", name, v, f"must be an integer >= {low}.")
+    if not 0.0 <= ac.load_shift <= 1.0:
+        raise FieldError("config.adaptive", "load_shift", ac.load_shift,
+                         "must be in [0, 1] (a total-variation distance; 0 = never).")
+    return ac
+
+
+def plan_name(s: Setting) -> str:
+    return f"chunks={s.overlap_chunks} " + (f"2dh({s.a2a_hierarchy})" if s.a2a_hierarchy > 1
+                                             else "flat")
+
+
+def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = "auto") -> dict:
+    """{plan name: GPTConfig} of the plans to switch among, the config's first."""
+    m = gpt.moe
+    devices = int(np.prod(list(mesh.shape.values())))
+    current = Setting(ep=mesh.shape["expert"], dispatch=m.dispatch,
+                      capacity_factor=m.capacity_factor,
+                      overlap_chunks=m.execution.overlap_chunks,
+                      a2a_hierarchy=m.execution.a2a_hierarchy, ep_recv_factor=m.ep_recv_factor,
+                      grad_accum_steps=int(config.grad_accum_steps),
+                      fsdp=bool(config.mesh.get("fsdp", False)))
+    backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
+    settings = search.execution_shortlist(
+        gpt, devices=devices, hw=rebalance.planner_profile(hardware),
+        batch_size=int(config.batch_size), seq_len=int(config.data.seq_len), current=current,
+        n=ac.plans, backend=backend)
+    return {plan_name(s): dataclasses.replace(gpt, moe=m.with_execution(
+        overlap_chunks=s.overlap_chunks, a2a_hierarchy=s.a2a_hierarchy)) for s in settings}
+
+
+class AdaptiveSteps:
+    """The trainer's view of a `PlanSwitch`: train and eval steps per plan,
+    the plan each step ran on, and re-timing on a load shift."""
+
+    def __init__(self, ac: AdaptiveConfig, steps: dict, on_choice: Callable[[Choice], None]):
+        """steps: {plan name: (jitted train step, jitted eval step)}."""
+        self.ac = ac
+        self.names = list(steps)
+        self.evals = {n: ev for n, (_, ev) in steps.items()}
+        self.switch = PlanSwitch({n: tr for n, (tr, _) in steps.items()}, trials=ac.trials,
+                                 retime_every=ac.retime_every, on_choice=self._chosen)
+        self._on_choice = on_choice
+        self._ran: list = []  # plan index of each dispatched step not yet drained
+        self._ref_load: Optional[np.ndarray] = None
+
+    def _chosen(self, choice: Choice) -> None:
+        self._ref_load = None  # the next drained step's loads become the reference
+        self._on_choice(choice)
+
+    def train(self, *args):
+        out = self.switch(*args)
+        self._ran.append(self.names.index(self.switch.last))
+        return out
+
+    def evaluate(self, *args):
+        return self.evals[self.switch.current](*args)
+
+    def observe(self, metrics: dict) -> dict:
+        """Adds the plan of the drained step; re-times on a load shift."""
+        metrics = dict(metrics, plan=self._ran.pop(0))
+        load = metrics.get("expert_load")
+        if self.ac.load_shift > 0 and load is not None and not self.switch.timing:
+            load = np.asarray(load, np.float64)
+            if self._ref_load is None:
+                self._ref_load = load
+            elif 0.5 * np.abs(load - self._ref_load).sum(axis=-1).mean() > self.ac.load_shift:
+                self.switch.retime()
+        return metrics
+
+    def compiled_variants(self) -> dict:
+        """{plan: compilations of its train step so far} (1 each after warm-up)."""
+        return {n: self.switch.variants[n]._cache_size() for n in self.names}
