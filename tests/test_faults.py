@@ -154,6 +154,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(ref_run, tmp_pa
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_stops_with_one_line_unless_told(ref_run, tmp_path, capsys):
     workdir = str(tmp_path / "w")
     shutil.copytree(ref_run, workdir)
@@ -388,6 +389,7 @@ class _Inject:
             monkeypatch.setattr(os, "mkdir", mkdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where,code", [("write", errno.ENOSPC), ("mkdir", errno.EACCES)])
 def test_failed_save_stops_and_keeps_the_previous_checkpoint(ref_run, tmp_path, monkeypatch,
                                                              where, code):
@@ -417,6 +419,7 @@ def test_failed_save_stops_and_keeps_the_previous_checkpoint(ref_run, tmp_path, 
     assert [got[s] for s in range(3, 7)] == [ref[s] for s in range(3, 7)]
 
 
+@pytest.mark.slow
 def test_failed_save_with_skip_trains_on_and_saves_at_the_next_interval(ref_run, tmp_path,
                                                                        monkeypatch, capsys):
     workdir = str(tmp_path / "w")
@@ -452,6 +455,7 @@ def _text_file(path, seed):
         f.write(" ".join(rng.choice(words, 6000)))
 
 
+@pytest.mark.slow
 def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path, capsys):
     corpus = str(tmp_path / "corpus.txt")
     _text_file(corpus, 0)
@@ -548,6 +552,7 @@ def test_sigkill_at_seeded_moments_then_relaunch_ends_as_an_uninterrupted_run(re
             kills += 1
             in_save += any("tmp" in d for d in os.listdir(ckpts))
         proc.communicate()
+    print(f"SIGKILLs: {kills}, {in_save} of them during a save")
     assert kills >= 2 and in_save >= 1, (kills, in_save)
     # Relaunch until it finishes, as a user (or a requeue) would.
     res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, cwd=ROOT,

@@ -209,12 +209,10 @@ class Saver:
 
     def _failed(self, step: int, final: bool, e: BaseException) -> None:
         self.failed.append(step)
-        # Orbax keeps a failed save's finalize thread and raises its error
-        # again at every later wait (the next save, close): once handled
-        # here, forget it (no public call does), and the uncommitted step.
-        if hasattr(self.mgr, "_finalize_thread"):
-            self.mgr._finalize_thread.set(None)
-        try:  # the asynchronous checkpointer keeps its copy of the error too
+        # Orbax's asynchronous checkpointer keeps the error and raises it
+        # again at the next save: take it out now that it is handled, and
+        # forget the uncommitted step.
+        try:
             self.mgr.check_for_errors()
         except Exception:  # noqa: BLE001 - the one being handled here
             pass
