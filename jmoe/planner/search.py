@@ -101,21 +101,19 @@ def execution_shortlist(gpt: GPTConfig, *, devices: int, hw: Hardware, batch_siz
     """Up to `n` plans for a run-time switch (`jmoe.adaptive`): settings that
     differ from `current` only in how the layer runs (overlap chunks,
     all-to-all hierarchy), so they share its parameter layout and its maths;
-    `current` first, then the others by predicted step time."""
+    `current` first, then the others by predicted step time. Returns
+    (setting, predicted step seconds) pairs."""
     ep = current.ep
+    cost = lambda s: step_cost(gpt, s, seq_len=seq_len, batch_size=batch_size, devices=devices,
+                               hw=hw, load=load, backend=backend).time
     if ep <= 1:
-        return [current]  # nothing is exchanged: the knobs do not apply
+        return [(current, cost(current))]  # nothing is exchanged: the knobs do not apply
     hierarchies = [0] + [h for h in range(2, ep) if ep % h == 0]
     same = [dataclasses.replace(current, overlap_chunks=c, a2a_hierarchy=h)
             for c in (1, 2, 4) for h in hierarchies]
     same = [s for s in same if s != current]
-    costs = sorted(((step_cost(gpt, s, seq_len=seq_len, batch_size=batch_size,
-                               devices=devices, hw=hw, load=load, backend=backend).time, i, s)
-                    for i, s in enumerate(same)), key=lambda c: (c[0], c[1]))
-    out = [current]
-    for _, _, s in costs:
-        if len(out) >= n:
-            break
-        if s not in out:
-            out.append(s)
+    costs = sorted(((cost(s), i, s) for i, s in enumerate(same)), key=lambda c: (c[0], c[1]))
+    out = [(current, cost(current))]
+    for t, _, s in costs[:max(n - 1, 0)]:
+        out.append((s, t))
     return out

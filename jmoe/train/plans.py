@@ -78,8 +78,10 @@ def plan_name(s: Setting) -> str:
                                              else "flat")
 
 
-def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = "auto") -> dict:
-    """{plan name: GPTConfig} of the plans to switch among, the config's first."""
+def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = "auto",
+              predicted: Optional[dict] = None) -> dict:
+    """{plan name: GPTConfig} of the plans to switch among, the config's first;
+    `predicted`, if given, receives {plan name: the planner's step seconds}."""
     m = gpt.moe
     devices = int(np.prod(list(mesh.shape.values())))
     current = Setting(ep=mesh.shape["expert"], dispatch=m.dispatch,
@@ -93,8 +95,10 @@ def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = 
         gpt, devices=devices, hw=rebalance.planner_profile(hardware),
         batch_size=int(config.batch_size), seq_len=int(config.data.seq_len), current=current,
         n=ac.plans, backend=backend)
+    if predicted is not None:
+        predicted.update({plan_name(s): t for s, t in settings})
     return {plan_name(s): dataclasses.replace(gpt, moe=m.with_execution(
-        overlap_chunks=s.overlap_chunks, a2a_hierarchy=s.a2a_hierarchy)) for s in settings}
+        overlap_chunks=s.overlap_chunks, a2a_hierarchy=s.a2a_hierarchy)) for s, _ in settings}
 
 
 class AdaptiveSteps:

@@ -1,0 +1,159 @@
+"""Adaptive execution on 8 (virtual CPU) devices: fixed plans, the run-time
+switch, the planner's static pick, and dynamic capacity.
+
+    python bench/adaptive.py --json bench/results/adaptive.json
+
+Trains a small GPT-MoE (2 layers, d=64, E=16 experts of 128, top-2, mesh
+data=1 x expert=8, batch 32 x 64 tokens) with the trainer for `--steps`
+steps, once per row, under two routings:
+
+  balanced   sigmoid_topk router with the aux-loss-free bias update
+  skewed     softmax_topk router without load-balance loss (the routers
+             drift to a busy expert); the busiest expert / mean each run
+             reached (mean over its logged windows) is printed
+
+Rows (dropless unless said):
+
+  fixed: <plan>   each plan of the shortlist (`config.adaptive.plans`), fixed
+  adaptive        `--config.adaptive.plans=N`: times each plan on real steps,
+                  runs the fastest (re-timing every 50 steps)
+  planner pick    the plan the planner predicts fastest (h100 profile; one of
+                  the fixed rows, named above the table)
+  capacity 0      capacity dispatch with `capacity_factor=0` (what each step
+                  needs), the config's plan
+
+Columns: step time (median over the logged windows after the first, which
+compiles), its ratio to the best fixed plan of the routing, the dropped
+fraction, the compiles counted after the warm-up (the adaptive row: train
+steps compiled after its first timing round), and the final loss.
+
+The 8 devices share the machine's cores: plans that overlap communication
+with compute gain nothing here (XLA:CPU runs collectives synchronously), so
+the comparison shows the switch's mechanics and overhead, not GPU gains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import harness  # first: puts this checkout ahead of an installed jmoe
+
+import jax
+import numpy as np
+
+harness.setup(host_devices=8, platforms="cpu")  # before the first computation
+from jmoe.sharding import make_mesh  # noqa: E402
+from jmoe.train import cli, loop, plans  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
+         "model.num_experts": 16, "model.top_k": 2, "model.d_ff": 128,
+         "model.group_align": 8, "data.seq_len": 64, "batch_size": 32,
+         "mesh.data": 1, "mesh.expert": 8, "log_every": 10, "eval_batches": 1}
+ROUTINGS = {
+    "balanced": {"model.router": "sigmoid_topk"},
+    "skewed": {"model.router": "softmax_topk", "loss.load_balance_weight": 0.0},
+}
+
+
+def _config(steps: int, **overrides):
+    o = {**MODEL, "total_steps": steps, "eval_every": steps, "checkpoint_every": steps,
+         "opt.schedule_steps": steps, **overrides}
+    return cli.load_config(os.path.join(ROOT, "configs", "gpt_moe.py"), overrides=o)
+
+
+def _run(config, workdir: str, counter: dict) -> dict:
+    counter.update(warm=False, after=0)
+    loop.run(config, workdir)
+    recs = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    train = [r for r in recs if r["split"] == "train"]
+    times = [r["step_time_s"] for r in train[1:] if "step_time_s" in r]
+    loads = np.array([r["expert_load"] for r in train])
+    return {"step_s": statistics.median(times),
+            "dropped": float(np.mean([np.mean(r["dropped_fraction"]) for r in train])),
+            "busiest_expert": float(loads.max(axis=-1).mean() * loads.shape[-1]),
+            "loss": train[-1]["loss"], "compiles_after_warmup": counter["after"],
+            "rounds": [r for r in recs if r["split"] == "adaptive"]}
+
+
+def main(argv=None):
+    p = harness.parser(__doc__, quick=dict(steps=30))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--plans", type=int, default=3)
+    a = p.parse_args(argv)
+    # Train steps compiled after the adaptive run's first timing round.
+    counter = {"warm": False, "after": 0, "in_train": False}
+
+    def on_event(event, duration, **kw):
+        if (event == "/jax/core/compile/backend_compile_duration" and counter["in_train"]
+                and counter["warm"]):
+            counter["after"] += 1
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    inner = plans.AdaptiveSteps.train
+
+    def counted(self, *args):
+        counter["in_train"] = True
+        try:
+            return inner(self, *args)
+        finally:
+            counter["in_train"] = False
+            counter["warm"] = bool(self.switch.choices)
+    plans.AdaptiveSteps.train = counted
+
+    t0, load_before = time.perf_counter(), os.getloadavg()
+    results = {}
+    tmp = tempfile.mkdtemp(prefix="jmoe_adaptive_")
+    for routing, extra in ROUTINGS.items():
+        base = _config(a.steps, **extra)
+        gpt = loop.validate_config(base)
+        mesh = make_mesh(base.mesh, owner="config.mesh")
+        predicted = {}
+        shortlist = plans.shortlist(plans.AdaptiveConfig(plans=a.plans), gpt, base, mesh,
+                                    predicted=predicted)
+        rows = {}
+        for name, g in shortlist.items():
+            ex = g.moe.execution
+            cfg = _config(a.steps, **extra, **{"execution.overlap_chunks": ex.overlap_chunks,
+                                               "execution.a2a_hierarchy": ex.a2a_hierarchy})
+            print(f"\n[{routing}] fixed: {name}", flush=True)
+            rows[f"fixed: {name}"] = _run(cfg, os.path.join(tmp, f"{routing}_{len(rows)}"),
+                                          counter)
+        print(f"\n[{routing}] adaptive", flush=True)
+        rows["adaptive"] = _run(_config(a.steps, **extra, **{
+            "adaptive.plans": a.plans, "adaptive.retime_every": 50}),
+            os.path.join(tmp, f"{routing}_adaptive"), counter)
+        print(f"\n[{routing}] capacity 0", flush=True)
+        rows["capacity 0"] = _run(_config(a.steps, **extra, **{
+            "model.dispatch": "capacity", "model.capacity_factor": 0.0}),
+            os.path.join(tmp, f"{routing}_cap0"), counter)
+        pick = min(predicted, key=predicted.get)
+        results[routing] = {"rows": rows, "plans": list(shortlist), "predicted_s": predicted,
+                            "planner_pick": f"fixed: {pick}"}
+    load_after = os.getloadavg()
+    for routing, res in results.items():
+        rows = res["rows"]
+        best = min(v["step_s"] for k, v in rows.items() if k.startswith("fixed"))
+        print(f"\n{routing} routing ({a.steps} steps; planner pick: {res['planner_pick']})\n")
+        harness.print_markdown(
+            ["row", "step ms", "vs best fixed", "dropped", "busiest expert / mean",
+             "compiles after warm-up", "final loss"],
+            [[k, f"{1e3 * v['step_s']:.1f}", f"{v['step_s'] / best:.3f}x",
+              f"{100 * v['dropped']:.2f}%", f"{v['busiest_expert']:.2f}",
+              str(v["compiles_after_warmup"]) if k == "adaptive" else "-", f"{v['loss']:.4f}"]
+             for k, v in rows.items()])
+        for r in rows["adaptive"]["rounds"]:
+            print(f"- adaptive timing at step {r['step']}: chose {r['chosen']}")
+    print(f"\ntotal {time.perf_counter() - t0:.0f}s; 1-minute load average "
+          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
+    harness.write_json(a.json, {**harness.machine_info(), "steps": a.steps, "model": MODEL,
+                                "results": results,
+                                "load_average_1min": [load_before[0], load_after[0]],
+                                "seconds": time.perf_counter() - t0})
+
+
+if __name__ == "__main__":
+    main()
