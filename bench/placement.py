@@ -33,6 +33,16 @@ gradients):
 both chosen from the loads MEASURED on this batch (`aux.expert_load` of the
 static layer). R = ep/2 = 4 cannot be expressed: every device has the same
 number of slots, so R is a multiple of ep. 
+Recorded loads (`--recorded`, default bench/fixtures/default_run_expert_load.jsonl:
+the per-layer `expert_load` the default training run logged every 10 steps):
+busiest device / mean of each layer, static and under online re-placement
+replayed on the windows (`jmoe.planner.placement_search`: R = 0 and R = 8 at
+N = 10 and 50 steps, shadow experts s = 1, 2), mean over windows and layers;
+and the planner's predicted step time on 8 x H100 and 4 x 8 H100 for the
+`mixtral_8x7b` and `deepseek` variants (their configs' plans) under those
+loads, static against the best option (loads mapped onto the variants as
+`python -m jmoe.plan --load` maps them).
+
 A move (`--move`, on by default): the trainer's re-placement step
 (`jmoe.train.rebalance.reindex_experts`) on one layer's expert weights and
 two Adam moments in slot order, from the placement of the 2x routing to that
@@ -344,6 +354,68 @@ def run_experts(a, num_experts: int, mesh) -> dict:
     return {"E": num_experts, "routings": results, "move": move_row}
 
 
+def recorded_section(path: str) -> dict:
+    """Placement on the recorded loads of a training run, and the planner's
+    predictions for the GPU variants under them (module docstring)."""
+    from jmoe.model_config import from_config
+    from jmoe.planner import hardware, placement_search as ps
+    from jmoe.planner.cli import current_setting, describe
+    from jmoe.planner.step_cost import step_cost
+    from jmoe.train import cli as train_cli
+
+    rec = ps.read_recorded_loads(path)
+    w, num_layers, e = rec.load_WLE.shape
+    rows = []
+    for spare, every in ((0, 10), (0, 50), (1, 10), (1, 50)):
+        r = ps.replay(rec, EP, spare, every)
+        rows.append({"option": f"re-placed R={spare * EP}, every {every} steps",
+                     "static": float(np.mean(r.busiest_static_L)),
+                     "placed": float(np.mean(r.busiest_placed_L)), "moves": r.moves})
+    for sh in (1, 2):
+        r = ps.replay_shadows(rec, EP, sh)
+        rows.append({"option": f"shadowed s={sh}", "static": float(np.mean(r.busiest_static_L)),
+                     "placed": float(np.mean(r.busiest_placed_L)), "moves": 0})
+    print(f"\nRecorded loads: {w} windows x {num_layers} layers x {e} experts from {path}; "
+          f"busiest device / mean on {EP} devices (mean over windows and layers)\n")
+    harness.print_markdown(["option", "static", "placed", "layer moves"],
+                           [[r["option"], f"{r['static']:.2f}", f"{r['placed']:.2f}",
+                             str(r["moves"])] for r in rows])
+    hw = hardware.get("h100")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    preds = []
+    for variant in ("mixtral_8x7b", "deepseek"):
+        config = train_cli.load_config(os.path.join(root, "configs", "gpt_moe.py"), variant)
+        gpt = from_config(config.model, config.get("execution"))
+        mapped = ps.map_loads(rec, len(gpt.moe_layers), gpt.moe.num_experts)
+        load = mapped.load_WLE.mean(axis=(0, 1)).tolist()
+        seq, batch = int(config.data.seq_len), int(config.batch_size)
+        for nodes in (1, 4):
+            devices = nodes * hw.devices_per_node
+            cur = current_setting(config, devices)
+            sc = step_cost(gpt, cur, seq_len=seq, batch_size=batch, devices=devices, hw=hw,
+                           load=load, backend="gpu")
+            micro = cur.grad_accum_steps
+            opts = ps.placement_options(gpt.moe, mapped, ep=cur.ep, hw=hw, micro_batches=micro,
+                                        tokens_per_device=batch * seq // micro // devices,
+                                        param_dtype=gpt.param_dtype)
+            best = opts[0]
+            r = best.replay
+            option = (f"shadow s={r.shadows}" if r.shadows else
+                      f"R={r.spare_slots * cur.ep}, every {r.every}")
+            preds.append({"variant": variant, "cluster": f"{nodes} x 8 H100",
+                          "plan": describe(cur), "static_s": sc.time, "option": option,
+                          "placed_s": sc.time - max(best.net_per_step_s, 0.0),
+                          "mapping": mapped.mapping})
+    print("\nPredicted step time (planner, h100 profile) under the recorded loads:\n")
+    harness.print_markdown(
+        ["variant", "cluster", "plan", "static s", "best option", "placed s", "speed-up"],
+        [[p["variant"], p["cluster"], p["plan"], f"{p['static_s']:.3f}", p["option"],
+          f"{p['placed_s']:.3f}", f"{p['static_s'] / p['placed_s']:.2f}x"] for p in preds])
+    for p in preds[::2]:
+        print(f"- {p['variant']}: loads mapped: {p['mapping']}")
+    return {"source": path, "replay": rows, "predictions": preds}
+
+
 def print_table(rows: dict, cfs) -> None:
     header = (["layout", "busiest device / mean"]
               + [f"dropped, cf {cf:g}" for cf in cfs]
@@ -372,6 +444,9 @@ def main(argv=None):
                    help="capacity factors of the dropped-fraction columns")
     p.add_argument("--move", action=argparse.BooleanOptionalAction, default=True,
                    help="time one move of weights and moments between two placements")
+    p.add_argument("--recorded", default=os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "fixtures", "default_run_expert_load.jsonl"),
+        help="a run's metrics.jsonl (or workdir) whose expert loads to replay ('' = skip)")
     a = p.parse_args(argv)
     mesh = make_mesh(data=1, expert=EP)
     print(f"platform={jax.default_backend()} mesh data=1 expert={EP} "
@@ -379,6 +454,7 @@ def main(argv=None):
                              repeats=a.repeats), flush=True)
     t0, load_before = time.perf_counter(), os.getloadavg()
     out = [run_experts(a, e, mesh) for e in a.experts]
+    recorded = recorded_section(a.recorded) if a.recorded else None
     load_after = os.getloadavg()
     print(f"\ntotal {time.perf_counter() - t0:.0f}s; 1-minute load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
@@ -389,7 +465,8 @@ def main(argv=None):
                         "data": 1, "expert": EP, "router": "sigmoid_topk",
                         "activation": "gelu", "repeats": a.repeats},
               "load_average_1min": {"before": load_before[0], "after": load_after[0]},
-              "seconds": time.perf_counter() - t0, "results": out, "notes": NOTES}
+              "seconds": time.perf_counter() - t0, "results": out, "recorded": recorded,
+              "notes": NOTES}
     harness.write_json(a.json, result)
     return result
 
