@@ -42,6 +42,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+try:  # private (orbax-checkpoint 0.12): the writer threads of a save, see _wake_orphaned_writers
+    from orbax.checkpoint._src.futures import future as _ocp_future
+except ImportError:
+    _ocp_future = None
+
 ITEMS = ("state", "data", "config", "integrity")
 # Damaged steps are moved here (next to `checkpoints/`, outside Orbax's
 # directory, so its step list and garbage collection never see them again).
@@ -152,15 +157,15 @@ def _wake_orphaned_writers() -> None:
     and then sent its signal, so it wakes, sees the cancellation and ends
     without writing. (Private Orbax API, 0.12; without it, only the delay.)
     """
-    try:
-        from orbax.checkpoint._src.futures import future as ocp_future
-        threads = [t for t in threading.enumerate()
-                   if isinstance(t, ocp_future._SignalingThread) and t.is_alive()]
-        for t in threads:
+    signaling = getattr(_ocp_future, "_SignalingThread", None)
+    if signaling is None:
+        return
+    for t in [t for t in threading.enumerate() if isinstance(t, signaling) and t.is_alive()]:
+        try:
             t.cancel()
-            ocp_future.set_signals(t._receive_signals, operation_id=t._operation_id)
-    except (ImportError, AttributeError):
-        pass
+            _ocp_future.set_signals(t._receive_signals, operation_id=t._operation_id)
+        except AttributeError:  # another Orbax version: only the delay remains
+            return
 
 
 class Saver:
