@@ -183,6 +183,33 @@ def test_every_checkpoint_damaged_stops_with_one_line_unless_told(ref_run, tmp_p
     assert [got[s] for s in range(1, 7)] == [ref[s] for s in range(1, 7)]
 
 
+def test_saved_config_is_read_from_the_newest_step_whose_config_reads(ref_run, tmp_path):
+    # What `python -m jmoe.sample` reads first; it used to die with the
+    # UnicodeDecodeError of the damaged newest step.
+    workdir = str(tmp_path / "w")
+    shutil.copytree(ref_run, workdir)
+    overwrite_config(os.path.join(workdir, "checkpoints", "6"))
+    step, config = checkpoint.restore_config(workdir)
+    assert step == 4 and config.model.d_model == 32
+    with pytest.raises(UnicodeDecodeError):  # asked for by number: no walking back
+        checkpoint.restore_config(workdir, 6)
+
+
+# ConfigDict already refuses a string for a bool field; None it lets through.
+@pytest.mark.parametrize("field,value,fix", [
+    ("on_save_error", "later", "choose one of ('stop', 'skip')"),
+    ("allow_data_change", None, "must be a bool: --config.allow_data_change=true or false."),
+    ("restart_if_all_damaged", None, "must be a bool"),
+    ("takeover_lock", None, "must be a bool"),
+])
+def test_fault_fields_are_checked_before_anything_runs(field, value, fix):
+    config = tiny_config()
+    with config.unlocked():
+        config[field] = value
+    with pytest.raises(ValueError, match=re.escape(f"config.{field}={value!r} is invalid: {fix}")):
+        loop.validate_config(config)
+
+
 def test_state_checksum_is_the_same_on_any_mesh_and_sees_one_bit():
     # The integrity record is checked after restoring onto the run's mesh,
     # which may differ from the saving one's: the sums must not depend on it.
