@@ -318,6 +318,18 @@ def test_lock_from_another_host_is_refused_until_stale_or_taken_over(tmp_path):
     lock.release()
 
 
+def test_a_held_lock_is_refreshed_so_other_hosts_see_it_alive(tmp_path):
+    workdir = str(tmp_path)
+    lock = workdir_lock.acquire(workdir, refresh_s=0.05)
+    try:
+        old = time.time() - 2 * workdir_lock.STALE_AFTER_S
+        os.utime(_lock_path(workdir), (old, old))  # as if its holder had stopped refreshing
+        _wait_for(lambda: os.stat(_lock_path(workdir)).st_mtime > old + 60, 10,
+                  what="a refresh of the lock")
+    finally:
+        lock.release()
+
+
 def test_lock_of_a_live_process_on_this_host_is_refused_a_recycled_pid_is_not(tmp_path):
     workdir = str(tmp_path)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
