@@ -7,7 +7,8 @@ Trains a small GPT-MoE (2 layers, d=64, E=16 experts of 128, top-2, mesh
 data=1 x expert=8, batch 32 x 64 tokens) with the trainer for `--steps`
 steps, once per row, under two routings:
 
-  balanced   sigmoid_topk router with the aux-loss-free bias update
+  balanced   sigmoid_topk router with a fast aux-loss-free bias update
+             (bias_update_rate 0.05)
   skewed     softmax_topk router without load-balance loss (the routers
              drift to a busy expert); the busiest expert / mean each run
              reached (mean over its logged windows) is printed
@@ -55,7 +56,7 @@ MODEL = {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
          "model.group_align": 8, "data.seq_len": 64, "batch_size": 32,
          "mesh.data": 1, "mesh.expert": 8, "log_every": 10, "eval_batches": 1}
 ROUTINGS = {
-    "balanced": {"model.router": "sigmoid_topk"},
+    "balanced": {"model.router": "sigmoid_topk", "model.bias_update_rate": 0.05},
     "skewed": {"model.router": "softmax_topk", "loss.load_balance_weight": 0.0},
 }
 

@@ -2,7 +2,8 @@
 
 With `adaptive.plans = n > 1` the planner shortlists `n` execution plans
 for the run's mesh that differ only in how the MoE layers run (overlap
-chunks, all-to-all hierarchy: `jmoe.planner.search.execution_shortlist`),
+chunks, all-to-all hierarchy: `jmoe.planner.search.execution_shortlist`;
+with the dense dropless exchange, also the `ep_buckets` set),
 so they share the parameter layout and compute the same function. The
 trainer compiles a train step per plan and hands them to a
 `jmoe.adaptive.PlanSwitch`, which times each on real steps and runs the
@@ -23,10 +24,10 @@ import jax
 import numpy as np
 
 from jmoe.adaptive import Choice, PlanSwitch
-from jmoe.config import FieldError
+from jmoe.config import Execution, FieldError
 from jmoe.model_config import GPTConfig
 from jmoe.planner import search
-from jmoe.planner.step_cost import Setting
+from jmoe.planner.step_cost import Setting, step_cost
 from jmoe.train import rebalance
 
 
@@ -91,14 +92,28 @@ def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = 
                       grad_accum_steps=int(config.grad_accum_steps),
                       fsdp=bool(config.mesh.get("fsdp", False)))
     backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
+    hw = rebalance.planner_profile(hardware)
+    batch, seq = int(config.batch_size), int(config.data.seq_len)
+    # With the dense emulation of the dropless exchange (CPU, two-level
+    # all-to-all), the bucket set is a plan too: one slot goes to the
+    # config's plan with the other set.
+    buckets = (m.dispatch == "dropless" and current.ep > 1 and ac.plans > 2
+               and m.execution.ragged(jax.default_backend()) == "dense")
     settings = search.execution_shortlist(
-        gpt, devices=devices, hw=rebalance.planner_profile(hardware),
-        batch_size=int(config.batch_size), seq_len=int(config.data.seq_len), current=current,
-        n=ac.plans, backend=backend)
-    if predicted is not None:
-        predicted.update({plan_name(s): t for s, t in settings})
-    return {plan_name(s): dataclasses.replace(gpt, moe=m.with_execution(
+        gpt, devices=devices, hw=hw, batch_size=batch, seq_len=seq, current=current,
+        n=ac.plans - buckets, backend=backend)
+    out = {plan_name(s): dataclasses.replace(gpt, moe=m.with_execution(
         overlap_chunks=s.overlap_chunks, a2a_hierarchy=s.a2a_hierarchy)) for s, _ in settings}
+    times = {plan_name(s): t for s, t in settings}
+    if buckets:
+        other = () if m.execution.ep_buckets else Execution().ep_buckets
+        name = f"{plan_name(current)} ep_buckets={other}"
+        out[name] = dataclasses.replace(gpt, moe=m.with_execution(ep_buckets=other))
+        times[name] = step_cost(out[name], current, seq_len=seq, batch_size=batch,
+                                devices=devices, hw=hw, backend=backend).time
+    if predicted is not None:
+        predicted.update(times)
+    return out
 
 
 class AdaptiveSteps:
