@@ -71,6 +71,19 @@ def _fail(field: str, value: Any, fix: str, owner: str = "MoEConfig") -> None:
     raise FieldError(owner, field, value, fix)
 
 
+def from_section(cls, section, owner: str):
+    """`cls(**section)` for a config section (a dict or ConfigDict; None =
+    the defaults); an unknown key raises FieldError naming the known ones."""
+    if section is None:
+        return cls()
+    d = dict(section)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in known:
+            raise FieldError(owner, k, d[k], f"unknown field; the fields are {sorted(known)}.")
+    return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class Execution:
     """How one MoE layer runs: never what it computes.

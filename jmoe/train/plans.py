@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jmoe.adaptive import Choice, PlanSwitch
-from jmoe.config import Execution, FieldError
+from jmoe.config import Execution, FieldError, from_section
 from jmoe.model_config import GPTConfig
 from jmoe.planner import search
 from jmoe.planner.step_cost import Setting, step_cost
@@ -55,15 +55,8 @@ class AdaptiveConfig:
 
 
 def adaptive_config(section) -> AdaptiveConfig:
-    if section is None:
-        return AdaptiveConfig()
-    d = dict(section)
-    known = {f.name for f in dataclasses.fields(AdaptiveConfig)}
-    for k in d:
-        if k not in known:
-            raise FieldError("config.adaptive", k, d[k], f"unknown field; the fields are "
-                             f"{sorted(known)}.")
-    ac = AdaptiveConfig(**d)
+    """From `config.adaptive` (absent = off); raises naming the field and fix."""
+    ac = from_section(AdaptiveConfig, section, "config.adaptive")
     for name, low in (("plans", 0), ("trials", 1), ("retime_every", 0)):
         v = getattr(ac, name)
         if not isinstance(v, int) or v < low:

@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jmoe.balance import balance
-from jmoe.config import FieldError
+from jmoe.config import FieldError, from_section
 from jmoe.model_config import GPTConfig
 from jmoe.placement import Placement, PlacementArrays, move_source, stack
 from jmoe.planner import hardware as hw_lib
@@ -75,14 +75,7 @@ def _fail(field: str, value, fix: str):
 
 def placement_config(section) -> PlacementConfig:
     """From `config.placement` (absent = off); raises naming the field and fix."""
-    if section is None:
-        return PlacementConfig()
-    d = dict(section)
-    known = {f.name for f in dataclasses.fields(PlacementConfig)}
-    for k in d:
-        if k not in known:
-            _fail(k, d[k], f"unknown field; the fields are {sorted(known)}.")
-    pc = PlacementConfig(**d)
+    pc = from_section(PlacementConfig, section, "config.placement")
     if not isinstance(pc.every, int) or pc.every < 0:
         _fail("every", pc.every, "must be an integer >= 0 (0 = no re-placement).")
     if not isinstance(pc.spare_slots, int) or pc.spare_slots < 0:
