@@ -119,6 +119,17 @@ def full_models() -> dict:
                                        decoder_sparse_step=1, mlp_only_layers=[0],
                                        norm_topk_prob=True, tie_word_embeddings=True,
                                        rope_theta=5e5, rms_norm_eps=1e-6, **common),
+        # Attention sinks, q/k/v/o biases, sliding-window layers alternating with full
+        # ones (a window of 5, shorter than the prompts), YaRN RoPE, router bias,
+        # expert biases, clamped SwiGLU, top-k-then-softmax routing.
+        "gpt_oss": tr.GptOssConfig(intermediate_size=24, num_hidden_layers=2,
+                                   num_local_experts=4, head_dim=8, sliding_window=5,
+                                   swiglu_limit=1.5, rms_norm_eps=1e-5,
+                                   rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+                                                    "factor": 4.0, "beta_fast": 32.0,
+                                                    "beta_slow": 1.0, "truncate": False,
+                                                    "original_max_position_embeddings": 64},
+                                   **common),
     }
 
 
@@ -137,7 +148,10 @@ def moe_blocks() -> dict:
 
 def build(out: str) -> None:
     torch.manual_seed(0)
+    only = os.environ.get("ONLY")  # rebuild one family: ONLY=gpt_oss
     for i, (name, cfg) in enumerate(full_models().items()):
+        if only and name != only:
+            continue
         path = os.path.join(out, name)
         shutil.rmtree(path, ignore_errors=True)
         cfg.initializer_range = 0.02
@@ -155,6 +169,8 @@ def build(out: str) -> None:
         _tokenizer(path)
         _record(model, path)
     for i, (name, (cfg, cls)) in enumerate(moe_blocks().items()):
+        if only and name != only:
+            continue
         path = os.path.join(out, name)
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)

@@ -129,8 +129,8 @@ KEY = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
 
 @pytest.mark.parametrize("case,match", [
     ("model_type", r"model_type='llama' is not supported: jmoe.hf imports full models of "
-                   r"\('mixtral', 'qwen2_moe', 'qwen3_moe'\)"),
-    ("rope", r"rope_parameters.rope_type='yarn' is not supported.*'default'"),
+                   r"\('mixtral', 'qwen2_moe', 'qwen3_moe', 'gpt_oss'\)"),
+    ("rope", r"rope_parameters.rope_type='llama3' is not supported.*'default'\) and 'yarn'"),
     ("act", r"hidden_act='gelu' is not supported"),
     ("missing", rf"tensor '{KEY}' is missing .*shape \[48, 32\]"),
     ("shape", rf"tensor '{KEY}' has shape \[47, 32\] but config.json implies \[48, 32\]"),
@@ -141,7 +141,7 @@ def test_bad_checkpoint_one_line_error(case, match, tmp_path, monkeypatch):
     if case == "model_type":
         _edit_config(path, model_type="llama")
     elif case == "rope":
-        _edit_config(path, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4})
+        _edit_config(path, rope_parameters={"rope_type": "llama3", "rope_theta": 1e6, "factor": 8})
     elif case == "act":
         _edit_config(path, hidden_act="gelu")
     elif case == "missing":

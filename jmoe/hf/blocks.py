@@ -16,8 +16,8 @@
 
 Both the fused `[E, ...]` layout (transformers' in-memory one) and the
 per-expert one (`experts.{e}.gate_proj.weight`, ...) are read. The full
-DeepSeek-V3 (MLA attention, YaRN) and GPT-OSS (sinks, sliding windows)
-models are not implemented.
+GPT-OSS model is `jmoe.hf.load`; the full DeepSeek-V3 (MLA attention) is not
+implemented.
 """
 
 from __future__ import annotations
@@ -25,29 +25,15 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 
 from jmoe.config import MoEConfig
 from jmoe.hf import config as config_lib
 from jmoe.hf.config import UnsupportedCheckpoint
-from jmoe.hf.convert import Leaf, _copy, _experts, _fused, _linear, _vector, check, place
+from jmoe.hf.convert import (_copy, _experts, _fused, _interleaved, _interleaved_bias, _linear,
+                              _vector, check, place)
 from jmoe.hf.safetensors import Checkpoint
 
 BLOCK_FAMILIES = ("deepseek_v3", "gpt_oss")
-
-
-def _interleaved(path, key, e, d, f, which: int):
-    """GPT-OSS gate_up_proj [E, D, 2F], column 2j gate / 2j+1 up -> jmoe [E, D, F]."""
-    def read(ck, idx):
-        cols = np.arange(f)[idx[2]] * 2 + which
-        return ck[key][idx[0], idx[1]][:, :, cols]
-    return Leaf(path, (e, d, f), {key: (e, d, 2 * f)}, read, write=None, expert=True)
-
-
-def _interleaved_bias(path, key, e, f, which: int):
-    def read(ck, idx):
-        return ck[key][idx[0]][:, np.arange(f)[idx[1]] * 2 + which]
-    return Leaf(path, (e, f), {key: (e, 2 * f)}, read, write=None)
 
 
 def _deepseek(raw, pre, keys):

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 from jmoe.config import MoEConfig
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -22,7 +22,7 @@ class UnsupportedCheckpoint(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class HFConfig:
-    """One HF MoE decoder (Mixtral / Qwen2-MoE / Qwen3-MoE), in jmoe's names.
+    """One HF MoE decoder (Mixtral / Qwen2-MoE / Qwen3-MoE / GPT-OSS), in jmoe's names.
 
     Shapes: D = `d_model`, H = `num_heads`, J = `num_kv_heads`, Q = `head_dim`,
     V = `vocab_size`, F = `d_ff` (dense layers), `moe_d_ff` (one expert).
@@ -51,6 +51,17 @@ class HFConfig:
     o_bias: bool = False
     qk_norm: bool = False
     sliding_window: int = 0        # 0: full causal attention
+    sliding_layers: tuple[bool, ...] = ()  # which layers use the window (empty: all)
+    attn_sinks: bool = False       # GPT-OSS: a learned per-head logit in each softmax
+    # YaRN RoPE (factor, beta_fast, beta_slow, original_max_positions, truncate,
+    # attention_factor or 0 to derive it); empty: plain RoPE.
+    rope_yarn: tuple = ()
+    router: str = "softmax_topk"   # GPT-OSS: "topk_softmax" with router and expert biases
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     max_positions: int = 4096
     eos_token_id: Optional[int] = None
     dtype: str = "float32"         # activations; parameters are imported as `param_dtype`
@@ -63,10 +74,20 @@ class HFConfig:
         to `group_align` would multiply its expert work."""
         return MoEConfig(
             d_model=self.d_model, d_ff=self.moe_d_ff, num_experts=self.num_experts,
-            top_k=self.top_k, router="softmax_topk", renormalize=self.norm_topk_prob,
+            top_k=self.top_k, router=self.router,
+            renormalize=self.norm_topk_prob and self.router == "softmax_topk",
             dispatch="dropless", group_align=1 if decode else self.group_align,
             num_shared_experts=1 if self.shared_d_ff else 0, shared_d_ff=self.shared_d_ff,
-            shared_gate=self.shared_gate, dtype=self.dtype, param_dtype=self.param_dtype)
+            shared_gate=self.shared_gate, router_bias=self.router_bias,
+            expert_bias=self.expert_bias, activation=self.activation,
+            swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
+            dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s sliding window (0: full attention)."""
+        if self.sliding_layers and not self.sliding_layers[layer]:
+            return 0
+        return self.sliding_window
 
     def replace(self, **kw) -> "HFConfig":
         return dataclasses.replace(self, **kw)
@@ -76,16 +97,27 @@ def _fail(key: str, value: Any, supported: str) -> None:
     raise UnsupportedCheckpoint(f"config.json {key}={value!r} is not supported: {supported}")
 
 
-def rope_theta(raw: Mapping[str, Any]) -> float:
-    """RoPE base; only plain RoPE ('default') is implemented, any scaling kind stops here."""
+def rope(raw: Mapping[str, Any]) -> tuple[float, tuple]:
+    """(RoPE base, YaRN parameters or ()); plain RoPE and YaRN are implemented,
+    any other scaling kind stops here."""
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
+    yarn: tuple = ()
     for key, d in (("rope_parameters", params), ("rope_scaling", scaling)):
         kind = d.get("rope_type", d.get("type", "default"))
-        if kind != "default":
-            _fail(f"{key}.rope_type", kind, "jmoe.hf implements plain RoPE ('default') only; "
-                  "yarn/linear/dynamic/llama3 scaling are not implemented.")
-    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        if kind == "yarn":
+            if d.get("mscale") or d.get("mscale_all_dim") or d.get("partial_rotary_factor"):
+                _fail(f"{key}.mscale", d.get("mscale"), "YaRN with mscale / mscale_all_dim / "
+                      "partial_rotary_factor (DeepSeek) is not implemented.")
+            orig = d.get("original_max_position_embeddings")
+            factor = d.get("factor") or raw["max_position_embeddings"] / orig
+            yarn = (float(factor), float(d.get("beta_fast") or 32), float(d.get("beta_slow") or 1),
+                    int(orig), bool(d.get("truncate", True)),
+                    float(d.get("attention_factor") or 0.0))
+        elif kind != "default":
+            _fail(f"{key}.rope_type", kind, "jmoe.hf implements plain RoPE ('default') and "
+                  "'yarn'; linear/dynamic/llama3/longrope scaling are not implemented.")
+    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0))), yarn
 
 
 def from_dict(raw: Mapping[str, Any], **overrides) -> HFConfig:
@@ -99,7 +131,26 @@ def from_dict(raw: Mapping[str, Any], **overrides) -> HFConfig:
     d, heads = raw["hidden_size"], raw["num_attention_heads"]
     n = raw["num_hidden_layers"]
     head_dim = raw.get("head_dim") or d // heads
-    if mt == "mixtral":
+    extra: dict = {}
+    if mt == "gpt_oss":
+        e = raw["num_local_experts"]
+        moe_layers = (True,) * n
+        moe_d_ff = raw["intermediate_size"]
+        norm, shared, window = False, 0, raw.get("sliding_window") or 0
+        qkv_bias = o_bias = bool(raw.get("attention_bias", True))
+        qk_norm = False
+        types = raw.get("layer_types") or [
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        for t in types:
+            if t not in ("sliding_attention", "full_attention"):
+                _fail("layer_types", t, "gpt_oss layers are 'sliding_attention' or "
+                      "'full_attention'.")
+        extra = dict(sliding_layers=tuple(t == "sliding_attention" for t in types),
+                     attn_sinks=True, router="topk_softmax", router_bias=True,
+                     expert_bias=True, activation="swiglu_clamped",
+                     swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
+                     swiglu_limit=float(raw.get("swiglu_limit", 7.0)))
+    elif mt == "mixtral":
         e = raw["num_local_experts"]
         moe_layers = (True,) * n
         moe_d_ff = raw["intermediate_size"]
@@ -124,6 +175,7 @@ def from_dict(raw: Mapping[str, Any], **overrides) -> HFConfig:
             qkv_bias = o_bias = bool(raw.get("attention_bias", False))
             qk_norm = True
     k = raw["num_experts_per_tok"]
+    theta, yarn = rope(raw)
     if k == 1 and norm:
         _fail("num_experts_per_tok", k, "top-1 with norm_topk_prob (weight always 1) is not "
               "implemented; use top_k >= 2 or norm_topk_prob=false.")
@@ -133,11 +185,11 @@ def from_dict(raw: Mapping[str, Any], **overrides) -> HFConfig:
         num_kv_heads=raw.get("num_key_value_heads") or heads, head_dim=head_dim,
         d_ff=raw.get("intermediate_size", 0), moe_d_ff=moe_d_ff, num_experts=e, top_k=k,
         norm_topk_prob=norm, moe_layers=moe_layers, shared_d_ff=shared,
-        shared_gate=bool(shared), rope_theta=rope_theta(raw), rms_eps=raw["rms_norm_eps"],
+        shared_gate=bool(shared), rope_theta=theta, rope_yarn=yarn, rms_eps=raw["rms_norm_eps"],
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
         o_bias=o_bias, qk_norm=qk_norm, sliding_window=int(window),
         max_positions=raw.get("max_position_embeddings", 4096),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos)
+        eos_token_id=eos[0] if isinstance(eos, list) else eos, **extra)
     if heads % cfg.num_kv_heads:
         _fail("num_key_value_heads", cfg.num_kv_heads,
               f"must divide num_attention_heads={heads} (grouped-query attention).")

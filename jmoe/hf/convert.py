@@ -94,10 +94,36 @@ def _fused(path, key, full_shape, rows: slice, e, i, o):
     return Leaf(path, (e, i, o), {key: full_shape}, read, write=None, expert=True)
 
 
+def _interleaved(path, key, e, d, f, which: int):
+    """GPT-OSS gate_up_proj [E, D, 2F], column 2j gate / 2j+1 up -> jmoe [E, D, F]."""
+    def read(ck, idx):
+        cols = np.arange(f)[idx[2]] * 2 + which
+        return ck[key][idx[0], idx[1]][:, :, cols]
+    return Leaf(path, (e, d, f), {key: (e, d, 2 * f)}, read, write=None, expert=True)
+
+
+def _interleaved_bias(path, key, e, f, which: int):
+    def read(ck, idx):
+        return ck[key][idx[0]][:, np.arange(f)[idx[1]] * 2 + which]
+    return Leaf(path, (e, f), {key: (e, 2 * f)}, read, write=None)
+
+
 def _moe_leaves(cfg: HFConfig, ck_keys, lp: str, path: tuple) -> list:
     d, f, e = cfg.d_model, cfg.moe_d_ff, cfg.num_experts
     mixtral = cfg.model_type == "mixtral"
     pre = lp + ("block_sparse_moe" if mixtral else "mlp")
+    if cfg.model_type == "gpt_oss":
+        gu, gub, ex = f"{pre}.experts.gate_up_proj", f"{pre}.experts.gate_up_proj_bias", \
+            path + ("experts",)
+        down = _copy(ex + ("w_down_EFD",), f"{pre}.experts.down_proj", (e, f, d))
+        down.expert = True
+        return [_linear(path + ("router", "w_DE"), f"{pre}.router.weight", (e, d), (d, e)),
+                _vector(path + ("router", "b_E"), f"{pre}.router.bias", (e,)),
+                _interleaved(ex + ("w_gate_EDF",), gu, e, d, f, 0),
+                _interleaved(ex + ("w_up_EDF",), gu, e, d, f, 1),
+                _interleaved_bias(ex + ("b_gate_EF",), gub, e, f, 0),
+                _interleaved_bias(ex + ("b_up_EF",), gub, e, f, 1), down,
+                _copy(ex + ("b_down_ED",), f"{pre}.experts.down_proj_bias", (e, d))]
     out = [_linear(path + ("router", "w_DE"), f"{pre}.gate.weight", (e, d), (d, e))]
     fused = f"{pre}.experts.gate_up_proj"
     ex = path + ("experts",)
@@ -147,6 +173,8 @@ def leaves(cfg: HFConfig, ck_keys=()) -> list[Leaf]:
                     _vector(at + ("b_v_JQ",), sa + "v_proj.bias", (j, q))]
         if cfg.o_bias:
             out.append(_vector(at + ("b_o_D",), sa + "o_proj.bias", (d,)))
+        if cfg.attn_sinks:
+            out.append(_vector(at + ("sinks_H",), sa + "sinks", (h,)))
         if cfg.qk_norm:
             out += [_vector(at + ("q_norm_Q",), sa + "q_norm.weight", (q,)),
                     _vector(at + ("k_norm_Q",), sa + "k_norm.weight", (q,))]
@@ -263,6 +291,10 @@ def save(out: str, params: dict, cfg: HFConfig, *, source: Optional[str] = None,
     generation_config.json and tokenizer files are copied (config.json's
     dtype set to the params'), so transformers and jmoe load the result.
     """
+    if cfg.model_type == "gpt_oss":
+        raise UnsupportedCheckpoint("jmoe.hf.save: export of gpt_oss (fused, interleaved "
+                                    "gate_up_proj) is not implemented; mixtral, qwen2_moe and "
+                                    "qwen3_moe export.")
     os.makedirs(out, exist_ok=True)
     tensors = {}
     for leaf in leaves(cfg):

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jmoe import experts
 from jmoe.hf.config import HFConfig
@@ -43,21 +44,47 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return scale.astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope(x_BTNQ: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(q: int, theta: float, yarn: tuple = ()) -> tuple[np.ndarray, float]:
+    """(inverse frequencies [Q/2], cos/sin scale): plain RoPE, or YaRN (Peng et al.;
+    transformers' `_compute_yarn_parameters`): low frequencies interpolated by
+    `factor`, high ones kept, a linear ramp between, and an attention factor."""
+    pos_freqs = theta ** (np.arange(0, q, 2, dtype=np.float32) / q)
+    if not yarn:
+        return (1.0 / pos_freqs).astype(np.float32), 1.0
+    factor, beta_fast, beta_slow, orig, truncate, attention_factor = yarn
+    if not attention_factor:
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    def correction_dim(rotations):
+        return q * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, q - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(q // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+    inv = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv.astype(np.float32), float(attention_factor)
+
+
+def rope(x_BTNQ: jax.Array, positions_BT: jax.Array, theta: float, yarn: tuple = ()) -> jax.Array:
     """Rotate-half RoPE (HF's layout: the two halves of each head are the pairs)."""
     q = x_BTNQ.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, q, 2, dtype=jnp.float32) / q))
-    ang_BTq = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    inv_freq, scale = rope_frequencies(q, theta, yarn)
+    ang_BTq = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     ang_BTQ = jnp.concatenate([ang_BTq, ang_BTq], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(ang_BTQ), jnp.sin(ang_BTQ)
+    cos, sin = jnp.cos(ang_BTQ) * scale, jnp.sin(ang_BTQ) * scale
     x1, x2 = jnp.split(x_BTNQ.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x_BTNQ * cos + rotated * sin).astype(x_BTNQ.dtype)
 
 
 def attention(p: Params, x_BTD: jax.Array, positions_BT: jax.Array, cfg: HFConfig,
-              cache: Optional[dict]) -> tuple[jax.Array, Optional[dict]]:
-    """Grouped-query causal attention; with `cache`, over its S slots."""
+              cache: Optional[dict], window: int = 0) -> tuple[jax.Array, Optional[dict]]:
+    """Grouped-query causal attention (within `window` positions when > 0, with
+    GPT-OSS's sinks when configured); with `cache`, over its S slots."""
     dt = x_BTD.dtype
     w = lambda name: p[name].astype(dt)
     q_BTHQ = jnp.einsum("btd,dhq->bthq", x_BTD, w("w_q_DHQ"))
@@ -68,8 +95,8 @@ def attention(p: Params, x_BTD: jax.Array, positions_BT: jax.Array, cfg: HFConfi
     if cfg.qk_norm:
         q_BTHQ = rms_norm(q_BTHQ, p["q_norm_Q"], cfg.rms_eps)
         k_BTJQ = rms_norm(k_BTJQ, p["k_norm_Q"], cfg.rms_eps)
-    q_BTHQ = rope(q_BTHQ, positions_BT, cfg.rope_theta)
-    k_BTJQ = rope(k_BTJQ, positions_BT, cfg.rope_theta)
+    q_BTHQ = rope(q_BTHQ, positions_BT, cfg.rope_theta, cfg.rope_yarn)
+    k_BTJQ = rope(k_BTJQ, positions_BT, cfg.rope_theta, cfg.rope_yarn)
     if cache is None:
         k_BSJQ, v_BSJQ, kpos_BS = k_BTJQ, v_BTJQ, positions_BT
     else:
@@ -87,10 +114,18 @@ def attention(p: Params, x_BTD: jax.Array, positions_BT: jax.Array, cfg: HFConfi
                          preferred_element_type=jnp.float32) / math.sqrt(q)
     qpos, kpos = positions_BT[:, None, None, :, None], kpos_BS[:, None, None, None, :]
     ok = kpos <= qpos
-    if cfg.sliding_window:
-        ok &= qpos - kpos < cfg.sliding_window
+    if window:
+        ok &= qpos - kpos < window
     s_BJRTS = jnp.where(ok, s_BJRTS, -jnp.inf)
-    a_BJRTS = jax.nn.softmax(s_BJRTS, axis=-1).astype(dt)
+    if cfg.attn_sinks:
+        # A per-head logit that joins every softmax and takes its share of the
+        # mass, but contributes no value (GPT-OSS).
+        sink_11JR1 = p["sinks_H"].astype(jnp.float32).reshape(1, j, h // j, 1, 1)
+        sink_BJRT1 = jnp.broadcast_to(sink_11JR1, s_BJRTS.shape[:-1] + (1,))
+        a_BJRTS = jax.nn.softmax(jnp.concatenate([s_BJRTS, sink_BJRT1], -1), -1)[..., :-1]
+        a_BJRTS = a_BJRTS.astype(dt)
+    else:
+        a_BJRTS = jax.nn.softmax(s_BJRTS, axis=-1).astype(dt)
     o_BTJRQ = jnp.einsum("bjrts,bsjq->btjrq", a_BJRTS, v_BSJQ.astype(dt))
     out_BTD = jnp.einsum("bthq,hqd->btd", o_BTJRQ.reshape(b, t, h, q), w("w_o_HQD"))
     if cfg.o_bias:
@@ -128,13 +163,15 @@ def forward(params: Params, ids_BT: jax.Array, cfg: HFConfig, *,
         with jax.named_scope(f"layer{i}"):
             h_BTD = rms_norm(x_BTD, lp["attn_norm"]["scale_D"], cfg.rms_eps)
             a_BTD, c = attention(lp["attn"], h_BTD, positions_BT, cfg,
-                                 None if cache is None else cache[i])
+                                 None if cache is None else cache[i], cfg.window(i))
             if cache is not None:
                 new_cache.append(c)
             x_BTD = x_BTD + a_BTD
             h_BTD = rms_norm(x_BTD, lp["mlp_norm"]["scale_D"], cfg.rms_eps)
             if "moe" in lp:
-                y_BTD, aux = moe_apply(lp["moe"], h_BTD, moe_cfg, mesh=_moe_mesh(b * t))
+                # GPT-OSS's layer options run under GSPMD, not expert-parallel (yet).
+                mesh = False if cfg.expert_bias else _moe_mesh(b * t)
+                y_BTD, aux = moe_apply(lp["moe"], h_BTD, moe_cfg, mesh=mesh)
                 auxes.append(aux)
             else:
                 y_BTD = experts.dense_mlp(h_BTD, lp["mlp"], "swiglu")
