@@ -223,7 +223,8 @@ class MoEConfig:
       dispatch: `capacity` (static `[E, C, D]` buffers, may drop) or
         `dropless` (sort by expert + grouped matmul, never drops).
       capacity_factor: C = ceil(capacity_factor * T * K / E), at least
-        `min_capacity`.
+        `min_capacity`; 0 = what each call needs (nothing drops), -x = what
+        each call needs up to x (Tutel's rule; docs/adaptive.md).
       drop_policy: which assignments lose when an expert overflows:
         `position` (top-1 choices first, then earlier tokens, as in GShard) or
         `probability` (higher routing weight first, batch-prioritised routing).
@@ -236,6 +237,8 @@ class MoEConfig:
         for the worst case (every token to this device). Assignments that do
         not fit are dropped and reported in `dropped_fraction`, never silently.
 
+    dtype: the compute dtype; None = the input's (`x.dtype`). param_dtype:
+      the weights' dtype.
     execution: how the layer runs (`Execution`); never changes what it computes.
     """
 
@@ -354,6 +357,8 @@ class MoEConfig:
         if self.num_shared_experts and self.shared_d_ff < 0:
             _fail("shared_d_ff", self.shared_d_ff, "must be >= 0 (0 means d_ff).")
         for name in ("dtype", "param_dtype"):
+            if name == "dtype" and self.dtype is None:
+                continue  # follow the input
             if getattr(self, name) not in DTYPES:
                 _fail(name, getattr(self, name), f"choose one of {DTYPES} (a name or "
                       "jnp.float32 / jnp.bfloat16 / jnp.float16).")

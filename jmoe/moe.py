@@ -55,7 +55,9 @@ def moe_apply(params: Params, x: jax.Array, cfg: MoEConfig, *,
     """
     check_call(x, cfg, bias)
     check_placement(cfg, placement)
-    x_TD = x.reshape(-1, cfg.d_model).astype(jnp.dtype(cfg.dtype))
+    x_TD = x.reshape(-1, cfg.d_model)
+    if cfg.dtype is not None:  # None: compute in the input's dtype
+        x_TD = x_TD.astype(jnp.dtype(cfg.dtype))
     xr_TD = router_input(x_TD, cfg, train, rng)
     ep_mesh = None if mesh is False else expert_parallel.active_expert_mesh(mesh)
     if ep_mesh is not None and (cfg.router_bias or cfg.expert_bias

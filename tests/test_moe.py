@@ -323,3 +323,22 @@ def test_dtypes_may_be_given_as_flax_code_passes_them(given):
     assert "bf16[" in str(jaxpr)
     with pytest.raises(ValueError, match=r"MoEConfig.dtype='int' is invalid"):
         _cfg(dtype=int)
+
+
+def test_dtype_none_computes_in_the_input_dtype():
+    """`MoEConfig(dtype=None)` follows the input: bf16 in gives exactly the
+    dtype='bfloat16' layer, f32 in exactly the dtype='float32' one (and the
+    two differ, so the dtype took effect)."""
+    base = dict(d_model=16, d_ff=32, num_experts=4, top_k=2, group_align=4)
+    params = jmoe.init_params(jax.random.key(0), jmoe.MoEConfig(**base))
+    x = jax.random.normal(jax.random.key(1), (32, 16))
+    follow = jmoe.MoEConfig(**base, dtype=None)
+    for dt in ("bfloat16", "float32"):
+        xi = x.astype(dt)
+        want = jmoe.moe_apply(params, xi, jmoe.MoEConfig(**base, dtype=dt))[0]
+        got = jmoe.moe_apply(params, xi, follow)[0]
+        assert got.dtype == jnp.dtype(dt)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    bf = jmoe.moe_apply(params, x.astype("bfloat16"), follow)[0].astype(jnp.float32)
+    f32 = jmoe.moe_apply(params, x, follow)[0]
+    assert float(jnp.max(jnp.abs(bf - f32))) > 1e-4
