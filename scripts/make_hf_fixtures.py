@@ -130,6 +130,20 @@ def full_models() -> dict:
                                                     "beta_slow": 1.0, "truncate": False,
                                                     "original_max_position_embeddings": 64},
                                    **common),
+        # Multi-head latent attention (q and kv low-rank, compressed kv cache),
+        # interleaved RoPE with YaRN mscale, a first dense layer, and the
+        # DeepSeek-V3 MoE block (sigmoid router, selection bias, groups, scaling,
+        # a shared expert).
+        "deepseek_v3": tr.DeepseekV3Config(
+            intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=2,
+            first_k_dense_replace=1, n_routed_experts=8, n_group=4, topk_group=2,
+            n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+            v_head_dim=8, rope_interleave=True, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+                             "mscale_all_dim": 1.0, "original_max_position_embeddings": 64},
+            **{**common, "num_key_value_heads": 4}),
     }
 
 

@@ -129,7 +129,7 @@ KEY = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
 
 @pytest.mark.parametrize("case,match", [
     ("model_type", r"model_type='llama' is not supported: jmoe.hf imports full models of "
-                   r"\('mixtral', 'qwen2_moe', 'qwen3_moe', 'gpt_oss'\)"),
+                   r"\('mixtral', 'qwen2_moe', 'qwen3_moe', 'gpt_oss', 'deepseek_v3'\)"),
     ("rope", r"rope_parameters.rope_type='llama3' is not supported.*'default'\) and 'yarn'"),
     ("act", r"hidden_act='gelu' is not supported"),
     ("missing", rf"tensor '{KEY}' is missing .*shape \[48, 32\]"),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping, Optional
 
 from jmoe.config import MoEConfig
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3")
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -62,6 +63,15 @@ class HFConfig:
     activation: str = "swiglu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # DeepSeek-V3: sigmoid routing with groups and scaling (jmoe's sigmoid_topk) and
+    # multi-head latent attention: (q_lora_rank or 0, kv_lora_rank, qk_nope_head_dim,
+    # qk_rope_head_dim, v_head_dim); empty: ordinary attention.
+    n_group: int = 0
+    topk_group: int = 0
+    routed_scaling_factor: float = 1.0
+    mla: tuple = ()
+    rope_interleave: bool = False  # RoPE pairs are (x0, x1), (x2, x3), ... (DeepSeek)
+    softmax_scale: float = 0.0     # 0: head_dim ** -0.5
     max_positions: int = 4096
     eos_token_id: Optional[int] = None
     dtype: str = "float32"         # activations; parameters are imported as `param_dtype`
@@ -75,7 +85,9 @@ class HFConfig:
         return MoEConfig(
             d_model=self.d_model, d_ff=self.moe_d_ff, num_experts=self.num_experts,
             top_k=self.top_k, router=self.router,
-            renormalize=self.norm_topk_prob and self.router == "softmax_topk",
+            renormalize=self.norm_topk_prob and self.router != "topk_softmax",
+            n_group=self.n_group, topk_group=self.topk_group,
+            routed_scaling_factor=self.routed_scaling_factor,
             dispatch="dropless", group_align=1 if decode else self.group_align,
             num_shared_experts=1 if self.shared_d_ff else 0, shared_d_ff=self.shared_d_ff,
             shared_gate=self.shared_gate, router_bias=self.router_bias,
@@ -97,27 +109,38 @@ def _fail(key: str, value: Any, supported: str) -> None:
     raise UnsupportedCheckpoint(f"config.json {key}={value!r} is not supported: {supported}")
 
 
-def rope(raw: Mapping[str, Any]) -> tuple[float, tuple]:
-    """(RoPE base, YaRN parameters or ()); plain RoPE and YaRN are implemented,
-    any other scaling kind stops here."""
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rope(raw: Mapping[str, Any]) -> tuple[float, tuple, float]:
+    """(RoPE base, YaRN parameters or (), softmax scale multiplier); plain RoPE
+    and YaRN are implemented, any other scaling kind stops here."""
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
     yarn: tuple = ()
+    softmax_mult = 1.0
     for key, d in (("rope_parameters", params), ("rope_scaling", scaling)):
         kind = d.get("rope_type", d.get("type", "default"))
         if kind == "yarn":
-            if d.get("mscale") or d.get("mscale_all_dim") or d.get("partial_rotary_factor"):
-                _fail(f"{key}.mscale", d.get("mscale"), "YaRN with mscale / mscale_all_dim / "
-                      "partial_rotary_factor (DeepSeek) is not implemented.")
+            if d.get("partial_rotary_factor", 1.0) != 1.0:
+                _fail(f"{key}.partial_rotary_factor", d["partial_rotary_factor"],
+                      "YaRN on part of the head is not implemented.")
             orig = d.get("original_max_position_embeddings")
             factor = d.get("factor") or raw["max_position_embeddings"] / orig
+            ms, ms_all = d.get("mscale"), d.get("mscale_all_dim")
+            att = d.get("attention_factor") or (
+                yarn_mscale(factor, ms) / yarn_mscale(factor, ms_all) if ms and ms_all
+                else yarn_mscale(factor))
+            if ms_all and raw.get("model_type") == "deepseek_v3":
+                # DeepSeek also scales the attention logits by mscale(mscale_all_dim)^2.
+                softmax_mult = yarn_mscale(factor, ms_all) ** 2
             yarn = (float(factor), float(d.get("beta_fast") or 32), float(d.get("beta_slow") or 1),
-                    int(orig), bool(d.get("truncate", True)),
-                    float(d.get("attention_factor") or 0.0))
+                    int(orig), bool(d.get("truncate", True)), float(att))
         elif kind != "default":
             _fail(f"{key}.rope_type", kind, "jmoe.hf implements plain RoPE ('default') and "
                   "'yarn'; linear/dynamic/llama3/longrope scaling are not implemented.")
-    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0))), yarn
+    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0))), yarn, softmax_mult
 
 
 def from_dict(raw: Mapping[str, Any], **overrides) -> HFConfig:
@@ -132,7 +155,28 @@ def from_dict(raw: Mapping[str, Any], **overrides) -> HFConfig:
     n = raw["num_hidden_layers"]
     head_dim = raw.get("head_dim") or d // heads
     extra: dict = {}
-    if mt == "gpt_oss":
+    if mt == "deepseek_v3":
+        for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+            if raw.get(key) not in (None, want):
+                _fail(key, raw[key], f"the DeepSeek-V3 router implements {want!r}.")
+        if raw.get("attention_bias"):
+            _fail("attention_bias", True, "DeepSeek-V3's attention has no biases in jmoe.hf.")
+        e = raw["n_routed_experts"]
+        first = raw.get("first_k_dense_replace", 0)
+        moe_layers = tuple(i >= first for i in range(n))
+        moe_d_ff = raw["moe_intermediate_size"]
+        norm = bool(raw.get("norm_topk_prob", True))
+        shared = moe_d_ff * (raw.get("n_shared_experts") or 0)
+        window, qkv_bias, o_bias, qk_norm = 0, False, False, False
+        nope, rot = raw["qk_nope_head_dim"], raw["qk_rope_head_dim"]
+        head_dim = nope + rot
+        extra = dict(router="sigmoid_topk", n_group=raw.get("n_group") or 0,
+                     topk_group=raw.get("topk_group") or 0,
+                     routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+                     mla=(raw.get("q_lora_rank") or 0, raw["kv_lora_rank"], nope, rot,
+                          raw["v_head_dim"]),
+                     rope_interleave=bool(raw.get("rope_interleave", True)))
+    elif mt == "gpt_oss":
         e = raw["num_local_experts"]
         moe_layers = (True,) * n
         moe_d_ff = raw["intermediate_size"]
@@ -175,7 +219,9 @@ def from_dict(raw: Mapping[str, Any], **overrides) -> HFConfig:
             qkv_bias = o_bias = bool(raw.get("attention_bias", False))
             qk_norm = True
     k = raw["num_experts_per_tok"]
-    theta, yarn = rope(raw)
+    theta, yarn, softmax_mult = rope(raw)
+    if "mla" in extra:
+        extra["softmax_scale"] = head_dim ** -0.5 * softmax_mult
     if k == 1 and norm:
         _fail("num_experts_per_tok", k, "top-1 with norm_topk_prob (weight always 1) is not "
               "implemented; use top_k >= 2 or norm_topk_prob=false.")
@@ -185,7 +231,8 @@ def from_dict(raw: Mapping[str, Any], **overrides) -> HFConfig:
         num_kv_heads=raw.get("num_key_value_heads") or heads, head_dim=head_dim,
         d_ff=raw.get("intermediate_size", 0), moe_d_ff=moe_d_ff, num_experts=e, top_k=k,
         norm_topk_prob=norm, moe_layers=moe_layers, shared_d_ff=shared,
-        shared_gate=bool(shared), rope_theta=theta, rope_yarn=yarn, rms_eps=raw["rms_norm_eps"],
+        shared_gate=bool(shared) and mt == "qwen2_moe", rope_theta=theta, rope_yarn=yarn,
+        rms_eps=raw["rms_norm_eps"],
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
         o_bias=o_bias, qk_norm=qk_norm, sliding_window=int(window),
         max_positions=raw.get("max_position_embeddings", 4096),

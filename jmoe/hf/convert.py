@@ -125,6 +125,10 @@ def _moe_leaves(cfg: HFConfig, ck_keys, lp: str, path: tuple) -> list:
                 _interleaved_bias(ex + ("b_up_EF",), gub, e, f, 1), down,
                 _copy(ex + ("b_down_ED",), f"{pre}.experts.down_proj_bias", (e, d))]
     out = [_linear(path + ("router", "w_DE"), f"{pre}.gate.weight", (e, d), (d, e))]
+    if cfg.model_type == "deepseek_v3":
+        # The selection bias is state, not a weight: it sits beside the layer's params.
+        out.append(_vector(path[:-1] + ("moe_bias", "bias_E"),
+                           f"{pre}.gate.e_score_correction_bias", (e,)))
     fused = f"{pre}.experts.gate_up_proj"
     ex = path + ("experts",)
     if fused in ck_keys:
@@ -139,13 +143,37 @@ def _moe_leaves(cfg: HFConfig, ck_keys, lp: str, path: tuple) -> list:
                 _experts(ex + ("w_up_EDF",), keys(names[1]), (f, d)),
                 _experts(ex + ("w_down_EFD",), keys(names[2]), (d, f))]
     if cfg.shared_d_ff:
-        fs, sp, sh = cfg.shared_d_ff, f"{pre}.shared_expert", path + ("shared",)
+        fs, sh = cfg.shared_d_ff, path + ("shared",)
+        sp = f"{pre}.shared_experts" if cfg.model_type == "deepseek_v3" else f"{pre}.shared_expert"
         out += [_linear(sh + ("w_gate_DF",), f"{sp}.gate_proj.weight", (fs, d), (d, fs)),
                 _linear(sh + ("w_up_DF",), f"{sp}.up_proj.weight", (fs, d), (d, fs)),
                 _linear(sh + ("w_down_FD",), f"{sp}.down_proj.weight", (d, fs), (fs, d))]
         if cfg.shared_gate:
             out.append(_linear(sh + ("w_gate_D1",), f"{pre}.shared_expert_gate.weight",
                                (1, d), (d, 1)))
+    return out
+
+
+def _mla_leaves(cfg: HFConfig, at: tuple, sa: str) -> list:
+    """DeepSeek's multi-head latent attention. Names: C = kv_lora_rank (+ rope
+    dims in w_kva_DC), L = q_lora_rank, N = qk_nope + qk_rope per head, U = v_head_dim."""
+    d, h = cfg.d_model, cfg.num_heads
+    ql, kl, nope, rot, vd = cfg.mla
+    out = []
+    if ql:
+        out += [_linear(at + ("w_qa_DL",), sa + "q_a_proj.weight", (ql, d), (d, ql)),
+                _vector(at + ("q_a_norm_L",), sa + "q_a_layernorm.weight", (ql,)),
+                _linear(at + ("w_qb_LHN",), sa + "q_b_proj.weight", (h * (nope + rot), ql),
+                        (ql, h, nope + rot))]
+    else:
+        out.append(_linear(at + ("w_q_DHN",), sa + "q_proj.weight", (h * (nope + rot), d),
+                           (d, h, nope + rot)))
+    out += [_linear(at + ("w_kva_DC",), sa + "kv_a_proj_with_mqa.weight", (kl + rot, d),
+                    (d, kl + rot)),
+            _vector(at + ("kv_a_norm_C",), sa + "kv_a_layernorm.weight", (kl,)),
+            _linear(at + ("w_kvb_CHN",), sa + "kv_b_proj.weight", (h * (nope + vd), kl),
+                    (kl, h, nope + vd)),
+            _linear(at + ("w_o_HUD",), sa + "o_proj.weight", (d, h * vd), (h, vd, d))]
     return out
 
 
@@ -162,7 +190,11 @@ def leaves(cfg: HFConfig, ck_keys=()) -> list[Leaf]:
         at, sa = path + ("attn",), lp + "self_attn."
         out += [_vector(path + ("attn_norm", "scale_D"), lp + "input_layernorm.weight", (d,)),
                 _vector(path + ("mlp_norm", "scale_D"), lp + "post_attention_layernorm.weight",
-                        (d,)),
+                        (d,))]
+        if cfg.mla:
+            out += _mla_leaves(cfg, at, sa)
+        else:
+            out += [
                 _linear(at + ("w_q_DHQ",), sa + "q_proj.weight", (h * q, d), (d, h, q)),
                 _linear(at + ("w_k_DJQ",), sa + "k_proj.weight", (j * q, d), (d, j, q)),
                 _linear(at + ("w_v_DJQ",), sa + "v_proj.weight", (j * q, d), (d, j, q)),
@@ -295,21 +327,22 @@ def save(out: str, params: dict, cfg: HFConfig, *, source: Optional[str] = None,
         raise UnsupportedCheckpoint("jmoe.hf.save: export of gpt_oss (fused, interleaved "
                                     "gate_up_proj) is not implemented; mixtral, qwen2_moe and "
                                     "qwen3_moe export.")
+    raw = {}
+    if source is not None:
+        with open(os.path.join(source, "config.json")) as f:
+            raw = json.load(f)
+    raw = to_dict(cfg, raw)  # raises before anything is written
     os.makedirs(out, exist_ok=True)
     tensors = {}
     for leaf in leaves(cfg):
         arr = np.asarray(jax.device_get(_get(params, leaf.path)))
         tensors.update(leaf.write(arr))
     _write_shards(out, tensors, max_shard_bytes)
-    raw = {}
     if source is not None:
-        with open(os.path.join(source, "config.json")) as f:
-            raw = json.load(f)
         for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                      "special_tokens_map.json"):
             if os.path.exists(os.path.join(source, name)):
                 shutil.copy(os.path.join(source, name), os.path.join(out, name))
-    raw.update(to_dict(cfg, raw))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(raw, f, indent=2, sort_keys=True)
 
@@ -340,8 +373,15 @@ def _write_shards(out: str, tensors: dict, max_bytes: int) -> None:
 def to_dict(cfg: HFConfig, base: Optional[dict] = None) -> dict:
     """The config.json fields `cfg` determines (on top of `base`, the source's)."""
     arch = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-            "qwen3_moe": "Qwen3MoeForCausalLM"}[cfg.model_type]
+            "qwen3_moe": "Qwen3MoeForCausalLM"}.get(cfg.model_type)
     raw = dict(base or {})
+    if arch is None:
+        if not base:
+            raise UnsupportedCheckpoint(
+                f"jmoe.hf.save: a {cfg.model_type} config.json is written from the source's: "
+                "pass source= (the directory it was imported from).")
+        raw["dtype"] = cfg.param_dtype
+        return raw
     raw.update(model_type=cfg.model_type, architectures=[arch], vocab_size=cfg.vocab_size,
                hidden_size=cfg.d_model, num_hidden_layers=cfg.num_layers,
                num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,

@@ -133,6 +133,55 @@ def attention(p: Params, x_BTD: jax.Array, positions_BT: jax.Array, cfg: HFConfi
     return out_BTD, cache
 
 
+def _deinterleave(x: jax.Array) -> jax.Array:
+    """(x0, x1), (x2, x3), ... pairs -> rotate-half's halves (x0, x2, ..., x1, x3, ...).
+    Queries and keys are permuted alike, so their dot products are unchanged."""
+    return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+def attention_mla(p: Params, x_BTD: jax.Array, positions_BT: jax.Array, cfg: HFConfig,
+                  cache: Optional[dict]) -> tuple[jax.Array, Optional[dict]]:
+    """DeepSeek's multi-head latent attention. Keys and values come from a
+    compressed latent (kv_lora_rank wide, RMS-normed) plus one rotary key shared
+    by all heads; the cache holds only those two ({"ckv_BSC", "krot_BSR"})."""
+    dt = x_BTD.dtype
+    w = lambda name: p[name].astype(dt)
+    ql, kl, nope, rot, vd = cfg.mla
+    if ql:
+        c_BTL = rms_norm(x_BTD @ w("w_qa_DL"), p["q_a_norm_L"], cfg.rms_eps)
+        q_BTHN = jnp.einsum("btl,lhn->bthn", c_BTL, w("w_qb_LHN"))
+    else:
+        q_BTHN = jnp.einsum("btd,dhn->bthn", x_BTD, w("w_q_DHN"))
+    kv_BTC = x_BTD @ w("w_kva_DC")
+    ckv_BTC = rms_norm(kv_BTC[..., :kl], p["kv_a_norm_C"], cfg.rms_eps)
+    krot_BTR = kv_BTC[..., kl:]
+    q_rot = q_BTHN[..., nope:]
+    if cfg.rope_interleave:
+        q_rot, krot_BTR = _deinterleave(q_rot), _deinterleave(krot_BTR)
+    q_rot = rope(q_rot, positions_BT, cfg.rope_theta, cfg.rope_yarn)
+    krot_BTR = rope(krot_BTR[:, :, None], positions_BT, cfg.rope_theta, cfg.rope_yarn)[:, :, 0]
+    q_BTHN = jnp.concatenate([q_BTHN[..., :nope], q_rot], axis=-1)
+    if cache is None:
+        ckv_BSC, krot_BSR, kpos_BS = ckv_BTC, krot_BTR, positions_BT
+    else:
+        b_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+        ckv_BSC = cache["ckv_BSC"].at[b_B1, positions_BT].set(ckv_BTC.astype(cache["ckv_BSC"].dtype))
+        krot_BSR = cache["krot_BSR"].at[b_B1, positions_BT].set(
+            krot_BTR.astype(cache["krot_BSR"].dtype))
+        cache = {"ckv_BSC": ckv_BSC, "krot_BSR": krot_BSR}
+        kpos_BS = jnp.broadcast_to(jnp.arange(ckv_BSC.shape[1]), ckv_BSC.shape[:2])
+    kv_BSHN = jnp.einsum("bsc,chn->bshn", ckv_BSC.astype(dt), w("w_kvb_CHN"))
+    k_nope_BSHN, v_BSHU = kv_BSHN[..., :nope], kv_BSHN[..., nope:]
+    s_BHTS = (jnp.einsum("bthn,bshn->bhts", q_BTHN[..., :nope], k_nope_BSHN,
+                         preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_BTHN[..., nope:], krot_BSR.astype(dt),
+                           preferred_element_type=jnp.float32)) * cfg.softmax_scale
+    ok = kpos_BS[:, None, None, :] <= positions_BT[:, None, :, None]
+    a_BHTS = jax.nn.softmax(jnp.where(ok, s_BHTS, -jnp.inf), axis=-1).astype(dt)
+    o_BTHU = jnp.einsum("bhts,bshu->bthu", a_BHTS, v_BSHU)
+    return jnp.einsum("bthu,hud->btd", o_BTHU, w("w_o_HUD")), cache
+
+
 def _moe_mesh(num_tokens: int):
     """None (the active mesh, expert-parallel) when the tokens split evenly over
     its token shards, else False: a decode step of B rows runs the local layer
@@ -162,8 +211,12 @@ def forward(params: Params, ids_BT: jax.Array, cfg: HFConfig, *,
     for i, lp in enumerate(params["layers"]):
         with jax.named_scope(f"layer{i}"):
             h_BTD = rms_norm(x_BTD, lp["attn_norm"]["scale_D"], cfg.rms_eps)
-            a_BTD, c = attention(lp["attn"], h_BTD, positions_BT, cfg,
-                                 None if cache is None else cache[i], cfg.window(i))
+            layer_cache = None if cache is None else cache[i]
+            if cfg.mla:
+                a_BTD, c = attention_mla(lp["attn"], h_BTD, positions_BT, cfg, layer_cache)
+            else:
+                a_BTD, c = attention(lp["attn"], h_BTD, positions_BT, cfg, layer_cache,
+                                     cfg.window(i))
             if cache is not None:
                 new_cache.append(c)
             x_BTD = x_BTD + a_BTD
@@ -171,7 +224,8 @@ def forward(params: Params, ids_BT: jax.Array, cfg: HFConfig, *,
             if "moe" in lp:
                 # GPT-OSS's layer options run under GSPMD, not expert-parallel (yet).
                 mesh = False if cfg.expert_bias else _moe_mesh(b * t)
-                y_BTD, aux = moe_apply(lp["moe"], h_BTD, moe_cfg, mesh=mesh)
+                bias_E = lp["moe_bias"]["bias_E"] if "moe_bias" in lp else None
+                y_BTD, aux = moe_apply(lp["moe"], h_BTD, moe_cfg, bias=bias_E, mesh=mesh)
                 auxes.append(aux)
             else:
                 y_BTD = experts.dense_mlp(h_BTD, lp["mlp"], "swiglu")
@@ -188,7 +242,12 @@ def forward(params: Params, ids_BT: jax.Array, cfg: HFConfig, *,
 
 def init_cache(cfg: HFConfig, batch: int, max_len: int, dtype=None) -> list:
     """A zero KV cache of `max_len` slots per row: [{"k_BSJQ", "v_BSJQ"}] per layer."""
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.dtype)
+    if cfg.mla:
+        _, kl, _, rot, _ = cfg.mla
+        return [{"ckv_BSC": jnp.zeros((batch, max_len, kl), dt),
+                 "krot_BSR": jnp.zeros((batch, max_len, rot), dt)}
+                for _ in range(cfg.num_layers)]
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return [{"k_BSJQ": jnp.zeros(shape, dt), "v_BSJQ": jnp.zeros(shape, dt)}
             for _ in range(cfg.num_layers)]
