@@ -1,6 +1,6 @@
 """Hugging Face interop: import MoE checkpoints, run them, export them back.
 
-    cfg, params = jmoe.hf.load("hf_dir", mesh=mesh)   # Mixtral, Qwen2-MoE, Qwen3-MoE
+    cfg, params = jmoe.hf.load("hf_dir", mesh=mesh)   # Mixtral, Qwen2/3-MoE, GPT-OSS, DeepSeek-V3
     logits_BTV, _, _ = jmoe.hf.forward(params, ids_BT, cfg)
     jmoe.hf.save("out_dir", params, cfg, source="hf_dir")
 

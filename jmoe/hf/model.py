@@ -1,4 +1,4 @@
-"""The HF MoE decoders (Mixtral, Qwen2-MoE, Qwen3-MoE) as pure JAX functions.
+"""The HF MoE decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS, DeepSeek-V3) as pure JAX.
 
 A separate model from `jmoe.model.GPT` because these families differ from it
 in ways a GPT option would only blur (per-head q/k norms, qkv biases, RMSNorm
@@ -11,12 +11,17 @@ Parameters (a pytree of arrays; `jmoe.hf.load` fills them from a checkpoint):
     {"embed": {"w_VD"}, "final_norm": {"scale_D"}, "lm_head": {"w_DV"} (untied only),
      "layers": [{"attn_norm": {"scale_D"}, "mlp_norm": {"scale_D"},
                  "attn": {"w_q_DHQ", "w_k_DJQ", "w_v_DJQ", "w_o_HQD",
-                          ["b_q_HQ", "b_k_JQ", "b_v_JQ"], ["b_o_D"], ["q_norm_Q", "k_norm_Q"]},
-                 "moe": <jmoe.init_params layout> | "mlp": {"w_gate_DF", "w_up_DF", "w_down_FD"}},
+                          ["b_q_HQ", "b_k_JQ", "b_v_JQ"], ["b_o_D"], ["q_norm_Q", "k_norm_Q"],
+                          ["sinks_H"]}
+                         | MLA: {["w_qa_DL", "q_a_norm_L", "w_qb_LHN"] | ["w_q_DHN"],
+                                 "w_kva_DC", "kv_a_norm_C", "w_kvb_CHN", "w_o_HUD"},
+                 "moe": <jmoe.init_params layout> | "mlp": {"w_gate_DF", "w_up_DF", "w_down_FD"},
+                 ["moe_bias": {"bias_E"}]},   # DeepSeek-V3's selection bias
                 ...]}
 
 A KV cache (`init_cache`) is a list over layers of {"k_BSJQ", "v_BSJQ"}
-with S slots fixed up front: prefill writes positions 0..T-1, each decode
+(MLA: the latent and the rotary key, {"ckv_BSC", "krot_BSR"}) with S slots
+fixed up front: prefill writes positions 0..T-1, each decode
 step writes one position per row, so both jit once.
 """
 
