@@ -195,7 +195,11 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """tokens_BT -> (logits_BTV float32, MoEAux stacked over MoE layers or None)."""
+    """tokens_BT -> (logits_BTV float32, MoEAux stacked over MoE layers or None).
+
+    The blocks are `blocks[i]`, or with `cfg.scan_layers` one `BlockStack`
+    per group of `scan_groups(cfg)` in `stacks[g]`, run by `lax.scan`.
+    """
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
