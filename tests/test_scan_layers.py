@@ -30,7 +30,8 @@ TINY = dict(vocab_size=64, d_model=32, num_heads=2, num_experts=4, top_k=2, d_ff
             group_align=8)
 CASES = {
     "default": dict(num_layers=3),
-    "mixed": dict(num_layers=6, moe_every=2, first_dense_layers=1),
+    # Router jitter: each layer's key must be fold_in(rng, its layer index).
+    "mixed": dict(num_layers=6, moe_every=2, first_dense_layers=1, jitter_eps=0.1),
     "lancet_remat": dict(num_layers=3, lancet_chunks=2, remat="full"),
     "scmoe_dots": dict(num_layers=4, moe_every=2, scmoe=True, remat="dots"),
 }
