@@ -2,9 +2,11 @@
 
     pip install torch transformers   # dev-only: the tests never import them
     python scripts/make_hf_fixtures.py            # writes tests/fixtures/hf/
-    python scripts/make_hf_fixtures.py --check-export DIR   # transformers loads DIR
+    ONLY=gpt_oss python scripts/make_hf_fixtures.py       # rebuild one fixture
+    python scripts/make_hf_fixtures.py --check-export OUT tests/fixtures/hf/mixtral
 
-For each full-model family (Mixtral, Qwen2-MoE, Qwen3-MoE) it builds a
+For each full-model family (Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-OSS,
+DeepSeek-V3) it builds a
 random-weight model with `save_pretrained` (Qwen3-MoE sharded, so the index
 path is covered) and records, for fixed prompts, the fp32 logits and a
 32-token greedy continuation (transformers' own `generate`, with its KV
@@ -14,15 +16,14 @@ plus an input and its output. Weights are drawn wider than transformers'
 init (std 0.02) so the greedy choices are far from ties, and every norm
 scale and bias is random so that a weight left out of the import shows.
 
-`--check-export DIR` loads an HF directory written by `jmoe.hf.export` with
-transformers and compares its logits to the fixture's recorded ones: the
+`--check-export OUT FIXTURE` loads an HF directory written by `jmoe.hf.save`
+with transformers and compares its logits to the fixture's recorded ones: the
 "exported checkpoint loads in transformers" half of the round trip.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 

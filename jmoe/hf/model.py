@@ -170,7 +170,8 @@ def attention_mla(p: Params, x_BTD: jax.Array, positions_BT: jax.Array, cfg: HFC
         ckv_BSC, krot_BSR, kpos_BS = ckv_BTC, krot_BTR, positions_BT
     else:
         b_B1 = jnp.arange(x_BTD.shape[0])[:, None]
-        ckv_BSC = cache["ckv_BSC"].at[b_B1, positions_BT].set(ckv_BTC.astype(cache["ckv_BSC"].dtype))
+        ckv_BSC = cache["ckv_BSC"].at[b_B1, positions_BT].set(
+            ckv_BTC.astype(cache["ckv_BSC"].dtype))
         krot_BSR = cache["krot_BSR"].at[b_B1, positions_BT].set(
             krot_BTR.astype(cache["krot_BSR"].dtype))
         cache = {"ckv_BSC": ckv_BSC, "krot_BSR": krot_BSR}
