@@ -94,18 +94,27 @@ def _fused(path, key, full_shape, rows: slice, e, i, o):
     return Leaf(path, (e, i, o), {key: full_shape}, read, write=None, expert=True)
 
 
+@dataclasses.dataclass
+class _Columns:
+    """Part of an HF tensor on export: every other last-axis column from `which`."""
+
+    which: int
+    value: np.ndarray
+
+
 def _interleaved(path, key, e, d, f, which: int):
     """GPT-OSS gate_up_proj [E, D, 2F], column 2j gate / 2j+1 up -> jmoe [E, D, F]."""
     def read(ck, idx):
         cols = np.arange(f)[idx[2]] * 2 + which
         return ck[key][idx[0], idx[1]][:, :, cols]
-    return Leaf(path, (e, d, f), {key: (e, d, 2 * f)}, read, write=None, expert=True)
+    return Leaf(path, (e, d, f), {key: (e, d, 2 * f)}, read,
+                write=lambda a: {key: _Columns(which, a)}, expert=True)
 
 
 def _interleaved_bias(path, key, e, f, which: int):
     def read(ck, idx):
         return ck[key][idx[0]][:, np.arange(f)[idx[1]] * 2 + which]
-    return Leaf(path, (e, f), {key: (e, 2 * f)}, read, write=None)
+    return Leaf(path, (e, f), {key: (e, 2 * f)}, read, write=lambda a: {key: _Columns(which, a)})
 
 
 def _moe_leaves(cfg: HFConfig, ck_keys, lp: str, path: tuple) -> list:
@@ -323,10 +332,6 @@ def save(out: str, params: dict, cfg: HFConfig, *, source: Optional[str] = None,
     generation_config.json and tokenizer files are copied (config.json's
     dtype set to the params'), so transformers and jmoe load the result.
     """
-    if cfg.model_type == "gpt_oss":
-        raise UnsupportedCheckpoint("jmoe.hf.save: export of gpt_oss (fused, interleaved "
-                                    "gate_up_proj) is not implemented; mixtral, qwen2_moe and "
-                                    "qwen3_moe export.")
     raw = {}
     if source is not None:
         with open(os.path.join(source, "config.json")) as f:
@@ -336,7 +341,13 @@ def save(out: str, params: dict, cfg: HFConfig, *, source: Optional[str] = None,
     tensors = {}
     for leaf in leaves(cfg):
         arr = np.asarray(jax.device_get(_get(params, leaf.path)))
-        tensors.update(leaf.write(arr))
+        for key, value in leaf.write(arr).items():
+            if isinstance(value, _Columns):  # GPT-OSS: gate and up interleave into one
+                shape = value.value.shape[:-1] + (2 * value.value.shape[-1],)
+                tensors.setdefault(key, np.zeros(shape, value.value.dtype))
+                tensors[key][..., value.which::2] = value.value
+            else:
+                tensors[key] = value
     _write_shards(out, tensors, max_shard_bytes)
     if source is not None:
         for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
