@@ -80,3 +80,21 @@ def test_expert_parallel_and_export(deepseek, tmp_path):
     with pytest.raises(hf.UnsupportedCheckpoint, match="pass source="):
         hf.save(str(tmp_path / "no_source"), params, cfg)
     assert not (tmp_path / "no_source").exists()  # refused before writing anything
+
+
+def test_multi_token_prediction_layers_are_skipped(tmp_path):
+    """A checkpoint with an MTP layer after the decoder's imports the same
+    decoder; a stray tensor inside the decoder is still refused."""
+    import shutil
+    dst = tmp_path / "ds"
+    shutil.copytree(PATH, dst)
+    ck = st.Checkpoint(str(dst))
+    tensors = {k: np.array(ck[k]) for k in ck}
+    mtp = {"model.layers.2.eh_proj.weight": np.zeros((32, 64), np.float32)}
+    st.save_file({**tensors, **mtp}, str(dst / "model.safetensors"))
+    cfg, params = hf.load(str(dst))
+    assert cfg.num_layers == 2 and len(params["layers"]) == 2
+    st.save_file({**tensors, "model.layers.1.eh_proj.weight": mtp[next(iter(mtp))]},
+                 str(dst / "model.safetensors"))
+    with pytest.raises(hf.UnsupportedCheckpoint, match="model.layers.1.eh_proj.weight"):
+        hf.load(str(dst))

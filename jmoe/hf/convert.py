@@ -288,8 +288,14 @@ def load(path: str, *, mesh=None, param_dtype: str = "float32", dtype: Optional[
                                     dtype=dtype or param_dtype, **overrides)
     ck = Checkpoint(path)
     table = leaves(cfg, set(ck))
-    # A tied checkpoint may still store lm_head (a copy of the embedding).
-    check(table, ck, cfg.model_type, ("lm_head.weight",) if cfg.tie_embeddings else ())
+    # A tied checkpoint may still store lm_head (a copy of the embedding);
+    # DeepSeek-V3 stores its multi-token-prediction layers after the decoder's
+    # (model.layers.{L}...), which generation does not use (transformers skips them too).
+    allowed = ["lm_head.weight"] if cfg.tie_embeddings else []
+    if cfg.model_type == "deepseek_v3":
+        allowed += [k for k in ck if k.startswith("model.layers.")
+                    and int(k.split(".")[2]) >= cfg.num_layers]
+    check(table, ck, cfg.model_type, tuple(allowed))
     return cfg, place(table, ck, mesh, param_dtype)
 
 
