@@ -50,13 +50,20 @@ def test_expert_parallel_gradients_equal_one_device():
     assert {s.data.shape[0] for s in w.addressable_shards} == {cfg.num_experts // 4}
 
 
-def test_training_on_text_lowers_the_loss():
+def test_training_on_text_lowers_the_loss(tmp_path):
     from jmoe.hf import tokenizer as tokenizer_lib
     path = os.path.join(FIX, "mixtral")
     cfg, params = hf.load(path)
     tok = tokenizer_lib.load(path)
-    text = " ".join(f"w{3 + (i * 7) % 40}" for i in range(400))  # a periodic stream
-    batches = finetune.text_batches(tok.encode(text), batch=4, seq_len=16)
+    # A folder of text: a periodic stream split over two files (and a file skipped).
+    words = [f"w{3 + (i * 7) % 40}" for i in range(400)]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.txt").write_text(" ".join(words[:200]))
+    (tmp_path / "b" / "c.txt").write_text(" ".join(words[200:]))
+    (tmp_path / "b" / "skip.bin").write_text("w90 " * 50)
+    ids = finetune.tokenize_path(str(tmp_path), tok)
+    assert ids == tok.encode(" ".join(words[:200])) + [2] + tok.encode(" ".join(words[200:])) + [2]
+    batches = finetune.text_batches(ids, batch=4, seq_len=16)
     tx = optax.adam(3e-3)
     step = finetune.make_train_step(cfg, tx, AUX)
     opt_state = tx.init(params)

@@ -2,11 +2,12 @@
 
     cfg, params = jmoe.hf.load("hf_dir", mesh=mesh)
     tok = jmoe.hf.tokenizer.load("hf_dir")
+    ids = tokenize_path("corpus/", tok)          # a text file or a folder of them
     tx = optax.adamw(1e-5)
     step = make_train_step(cfg, tx, aux_weights={"load_balance_loss": 1e-2})
     opt_state = tx.init(params)
     with jax.set_mesh(mesh):
-        for batch_BT1 in text_batches(tok.encode(text), batch=8, seq_len=256):
+        for batch_BT1 in text_batches(ids, batch=8, seq_len=256):
             params, opt_state, metrics = step(params, opt_state, batch_BT1)
 
 Under a mesh with an `expert` axis the MoE layers run expert-parallel, as in
@@ -19,6 +20,7 @@ HF models yet (see docs/huggingface.md).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Iterator, Mapping, Optional, Sequence
 
 import jax
@@ -70,3 +72,28 @@ def text_batches(ids: Sequence[int], *, batch: int, seq_len: int,
     while True:
         starts = rng.integers(0, ids.size - seq_len - 1, batch)
         yield np.stack([ids[s:s + seq_len + 1] for s in starts])
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl")
+
+
+def tokenize_path(path: str, tokenizer, *, suffixes: Sequence[str] = TEXT_SUFFIXES) -> list[int]:
+    """One token stream from a text file, or from every file under a folder
+    whose name ends in `suffixes` (sorted, so the stream is the same on every
+    host), each followed by the tokenizer's EOS id when it has one."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                       if f.endswith(tuple(suffixes)))
+    elif os.path.exists(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no text at {path}: give a text file or a folder of them.")
+    if not files:
+        raise ValueError(f"{path} holds no file ending in {tuple(suffixes)}: pass suffixes=.")
+    ids: list[int] = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            ids += tokenizer.encode(fh.read())
+        if tokenizer.eos_id is not None:
+            ids.append(tokenizer.eos_id)
+    return ids
