@@ -60,11 +60,6 @@ def moe_apply(params: Params, x: jax.Array, cfg: MoEConfig, *,
         x_TD = x_TD.astype(jnp.dtype(cfg.dtype))
     xr_TD = router_input(x_TD, cfg, train, rng)
     ep_mesh = None if mesh is False else expert_parallel.active_expert_mesh(mesh)
-    if ep_mesh is not None and (cfg.router_bias or cfg.expert_bias
-                                or cfg.activation == "swiglu_clamped"):
-        raise ValueError(
-            "MoEConfig.router_bias / expert_bias / activation='swiglu_clamped' (GPT-OSS) run "
-            "on one device or under GSPMD only, not expert-parallel yet: pass mesh=False.")
     if ep_mesh is not None:
         y_TD, aux = expert_parallel.moe_apply_ep(params, x_TD, xr_TD, cfg, ep_mesh, bias,
                                                  placement)

@@ -146,11 +146,32 @@ def test_topk_softmax_router_formula():
                                    np.exp(z[t, top]) / np.exp(z[t, top]).sum(), rtol=1e-6)
 
 
-def test_gpt_oss_options_refuse_expert_parallel():
-    cfg = _gpt_oss_cfg()
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_gpt_oss_options_run_expert_parallel(dispatch):
+    """Router bias, expert biases and the clamped SwiGLU on a (2, 4) mesh:
+    forward and every gradient equal the one-device layer's (which equals
+    the formulas above)."""
+    cfg = _gpt_oss_cfg(dispatch=dispatch, capacity_factor=8.0)
     p = _random_params(cfg)
-    with pytest.raises(ValueError, match="not expert-parallel yet: pass mesh=False"):
-        jmoe.moe_apply(p, jnp.zeros((8, 16)), cfg, mesh=make_mesh(data=2, expert=4))
+    x = 2.0 * jax.random.normal(jax.random.key(5), (32, 16))
+    ct = jax.random.normal(jax.random.key(6), x.shape)
+
+    def fwd_bwd(mesh):
+        f = lambda p, x: jmoe.moe_apply(p, x, cfg, mesh=mesh)[0]
+        y, vjp = jax.vjp(f, p, x)
+        return y, vjp(ct)
+    want = jax.jit(lambda: fwd_bwd(False))()
+    got = jax.jit(lambda: fwd_bwd(make_mesh(data=2, expert=4)))()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5,
+                                   atol=1e-5 * float(np.max(np.abs(np.asarray(w)))))
+
+
+def test_expert_biases_refuse_a_tensor_axis():
+    cfg = _gpt_oss_cfg()
+    with pytest.raises(ValueError, match="expert biases cannot run with a tensor axis of size 2"):
+        jmoe.moe_apply(_random_params(cfg), jnp.zeros((8, 16)), cfg,
+                       mesh=make_mesh(data=1, expert=4, tensor=2))
 
 
 def test_option_errors_name_the_field():

@@ -228,8 +228,7 @@ def forward(params: Params, ids_BT: jax.Array, cfg: HFConfig, *,
             x_BTD = x_BTD + a_BTD
             h_BTD = rms_norm(x_BTD, lp["mlp_norm"]["scale_D"], cfg.rms_eps)
             if "moe" in lp:
-                # GPT-OSS's layer options run under GSPMD, not expert-parallel (yet).
-                mesh = False if cfg.expert_bias else _moe_mesh(b * t)
+                mesh = _moe_mesh(b * t)
                 bias_E = lp["moe_bias"]["bias_E"] if "moe_bias" in lp else None
                 y_BTD, aux = moe_apply(lp["moe"], h_BTD, moe_cfg, bias=bias_E, mesh=mesh)
                 auxes.append(aux)

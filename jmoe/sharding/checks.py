@@ -45,6 +45,12 @@ def check_layer_on_mesh(cfg: MoEConfig, mesh, num_tokens: Optional[int] = None,
         raise FieldError("MoEConfig", "d_ff", cfg.d_ff,
                          f"it does not divide over the tensor axis of size {tp}: choose a "
                          "tensor axis size that divides d_ff.")
+    if cfg.expert_bias and tp > 1:
+        # The down projection's bias would be added on every tensor shard
+        # before their partial sums are reduced.
+        raise FieldError("MoEConfig", "expert_bias", True,
+                         f"expert biases cannot run with a tensor axis of size {tp}: use "
+                         "tensor=1 on the mesh (expert and data parallelism work).")
     h = cfg.execution.a2a_hierarchy
     if h > 1 and (ep % h or h >= ep):
         raise FieldError(

@@ -148,7 +148,7 @@ def _exchange_and_run(buf_AD, w, cfg: MoEConfig, ep: int, tp: bool, sizes: "Exch
         lperm = dispatch.dropless_permutation(expert_R[:, None], e_local + 1, cfg.group_align)
         lbuf = dispatch.permute(recv_RD, lperm.slot_TK, lperm.src_R)
         y = experts.grouped_mlp(lbuf, w, lperm.group_sizes_E[:e_local], cfg.activation,
-                                cfg.execution.gmm_backend)
+                                cfg.execution.gmm_backend, cfg.swiglu_alpha, cfg.swiglu_limit)
         y = _tp_reduce(y, tp, axis=1)
         ones = varying_like(jnp.ones((rows, 1), jnp.float32), buf_AD)
         y_RD = dispatch.unpermute(y, ones, lperm.slot_TK, lperm.src_R)
@@ -210,7 +210,8 @@ def _capacity_exchange_one(buf_ECD, w, cfg: MoEConfig, ep: int, tp: bool):
         if tp and cfg.execution.collective_matmul and lax.axis_size("tensor") > 1:
             y = _tensor_parallel_mlp_ring(recv, w, cfg)
         else:
-            y = _tp_reduce(experts.batched_mlp(recv, w, cfg.activation), tp, axis=2)
+            y = _tp_reduce(experts.batched_mlp(recv, w, cfg.activation, cfg.swiglu_alpha,
+                                               cfg.swiglu_limit), tp, axis=2)
     d_y = y.shape[2]  # D, or D / tp after a reduce-scatter
     y = y.reshape(e_local, ep, c, d_y).swapaxes(0, 1).reshape(e, c, d_y)
     with jax.named_scope("all_to_all_combine"):

@@ -76,7 +76,9 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
     tok_spec = P(tok, None) if tok else P()
     w_exp = expert_weights(params, placement)
     w_specs = {k: specs.restrict(specs.EXPERT_SPECS[k], names) for k in w_exp}
-    if bias_E is None:
+    if cfg.router_bias:
+        bias_E = params["router"]["b_E"]  # topk_softmax's learned logit bias (GPT-OSS)
+    elif bias_E is None:
         bias_E = jnp.zeros((cfg.num_experts,), jnp.float32)
 
     def core(x, xr, w_DE, bias, w, placement):

@@ -27,6 +27,10 @@ EXPERT_SPECS = {
     "w_gate_EDF": P("expert", None, "tensor"),
     "w_up_EDF": P("expert", None, "tensor"),
     "w_down_EFD": P("expert", "tensor", None),
+    # MoEConfig.expert_bias (GPT-OSS): biases follow their projections.
+    "b_gate_EF": P("expert", "tensor"),
+    "b_up_EF": P("expert", "tensor"),
+    "b_down_ED": P("expert", None),
 }
 
 
