@@ -71,10 +71,3 @@ def compile_step(jitted: Callable, *args: Any, **kwargs: Any) -> tuple[Any, Comp
         output_bytes=get("output_size_in_bytes"), alias_bytes=get("alias_size_in_bytes"),
         temp_bytes=get("temp_size_in_bytes"))
 
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a pytree of arrays: what to lower with
-    when the arrays themselves must not be touched (e.g. donated later)."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree)
