@@ -24,7 +24,6 @@ import dataclasses
 import time
 from typing import Any, Callable
 
-import jax
 
 
 @dataclasses.dataclass(frozen=True)
