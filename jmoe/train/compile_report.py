@@ -25,7 +25,6 @@ import time
 from typing import Any, Callable
 
 
-
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
     """Seconds to lower and compile, and XLA's per-device bytes."""
