@@ -30,6 +30,10 @@ LOGICAL_AXES = {
     "w_gate_EDF": ("expert", "embed", "mlp"),
     "w_up_EDF": ("expert", "embed", "mlp"),
     "w_down_EFD": ("expert", "mlp", "embed"),
+    # their biases (MoEConfig.expert_bias, GPT-OSS)
+    "b_gate_EF": ("expert", "mlp"),
+    "b_up_EF": ("expert", "mlp"),
+    "b_down_ED": ("expert", "embed"),
     # shared experts: ordinary MLP weights
     "w_gate_DF": ("embed", "mlp"),
     "w_up_DF": ("embed", "mlp"),

@@ -252,8 +252,10 @@ def test_linen_adapter_equals_moe_apply_and_trains():
 
 @pytest.mark.parametrize("kw,field", [
     (dict(top_k=5), "top_k"),
-    (dict(dispatch="capacity", capacity_factor=0.0), "capacity_factor"),
-    (dict(dispatch="capacity", capacity_factor=-1.0), "capacity_factor"),
+    # 0 and -x are dynamic capacities (tests/test_dynamic_capacity.py);
+    # expert choice needs a fixed one, and no capacity is NaN.
+    (dict(router="expert_choice", dispatch="capacity", capacity_factor=0.0), "capacity_factor"),
+    (dict(dispatch="capacity", capacity_factor=float("nan")), "capacity_factor"),
     (dict(router="topk"), "router"),
     (dict(dispatch="sparse"), "dispatch"),
     (dict(activation="relu"), "activation"),

