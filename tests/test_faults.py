@@ -121,7 +121,10 @@ def overwrite_config(step_dir):
 
 @pytest.mark.parametrize("damage,why", [
     (truncate_a_file, "Exception: Encountered error while reading array"),
-    (overwrite_bytes, "ValueError: checksum mismatch in 1 state array(s)"),
+    # Usually the chunk still decodes, to wrong numbers the checksums catch;
+    # when the bytes land on a compression frame's header, the read fails.
+    (overwrite_bytes, ("ValueError: checksum mismatch in 1 state array(s)",
+                       "Exception: Encountered error while reading array")),
     # Without it Orbax reads another tree structure out of the data files.
     (remove_metadata, "ValueError: pytree structure error"),
     (half_written, "Exception: Encountered error while reading array"),
@@ -138,7 +141,8 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(ref_run, tmp_pa
     out = capsys.readouterr().out
     assert summary["step"] == 6
     line = [l for l in out.splitlines() if l.startswith("checkpoint: skipped damaged")]
-    assert line and f"damaged step 6 ({why}" in line[0], out
+    whys = why if isinstance(why, tuple) else (why,)
+    assert line and any(f"damaged step 6 ({w}" in line[0] for w in whys), out
     assert "resuming from step 4, the newest intact one" in line[0]
     assert f"resumed from {ckpts}/4 " in out, out
     # Trained 5 and 6 again (a resume, not a restart), to the reference's losses.
@@ -147,7 +151,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(ref_run, tmp_pa
     assert [got[5], got[6]] == [ref[5], ref[6]]
     # The damaged step was set aside, with the reason, and a new 6 was written.
     aside = os.path.join(workdir, checkpoint.DAMAGED_DIR, "6")
-    assert why in open(os.path.join(aside, "WHY.txt")).read()
+    assert any(w in open(os.path.join(aside, "WHY.txt")).read() for w in whys)
     assert committed_steps(workdir) == [2, 4, 6]
     a, _ = restore_state(ref_run, 6)
     b, _ = restore_state(workdir, 6)
