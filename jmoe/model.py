@@ -58,12 +58,21 @@ class RMSNorm(nnx.Module):
         return (x * self.scale_D[...].astype(jnp.float32)).astype(x_BTD.dtype)
 
 
-def rope(x_BTHQ: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding on the last axis (split-halves convention)."""
+def rope(x_BTHQ: jax.Array, theta: float,
+         positions_BT: Optional[jax.Array] = None) -> jax.Array:
+    """Rotary embedding on the last axis (split-halves convention).
+
+    positions_BT: each token's absolute position (KV-cache decode,
+    `jmoe.generate`); None = 0..T-1 for every row (the training forward).
+    """
     t, k = x_BTHQ.shape[1], x_BTHQ.shape[-1]
     freq = theta ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k)
-    ang_TQ = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]
-    sin, cos = jnp.sin(ang_TQ)[None, :, None, :], jnp.cos(ang_TQ)[None, :, None, :]
+    if positions_BT is None:
+        ang_TQ = jnp.arange(t, dtype=jnp.float32)[:, None] * freq[None, :]
+        sin, cos = jnp.sin(ang_TQ)[None, :, None, :], jnp.cos(ang_TQ)[None, :, None, :]
+    else:
+        ang_BTQ = positions_BT.astype(jnp.float32)[..., None] * freq
+        sin, cos = jnp.sin(ang_BTQ)[:, :, None, :], jnp.cos(ang_BTQ)[:, :, None, :]
     x1, x2 = jnp.split(x_BTHQ.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTHQ.dtype)
