@@ -35,7 +35,7 @@ from jmoe.runtime import distributed as dist
 from jmoe.sharding import make_mesh
 from jmoe.sharding.checks import check_layer_on_mesh
 from jmoe.train import checkpoint, data, mesh as mesh_lib, metrics as metrics_lib, step as step_lib
-from jmoe.train import plans, rebalance, workdir_lock
+from jmoe.train import hf_model, plans, rebalance, workdir_lock
 from jmoe.train import compile_report
 
 
@@ -54,6 +54,17 @@ def _fail(field: str, value: Any, fix: str) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> model_config.GPTConfig:
     """Every check that needs no devices; returns the model config."""
     gpt = model_config.from_config(config.model, config.get("execution"))
+    validate_trainer(config)
+    if gpt.execution.fsdp_collective_matmul and not config.mesh.get("fsdp", False):
+        # Without FSDP the weights are replicated: there is nothing to gather.
+        _fail("execution.fsdp_collective_matmul", True,
+              "it gathers FSDP-sharded weights: set --config.mesh.fsdp=true, or "
+              "--config.execution.fsdp_collective_matmul=false.")
+    return gpt
+
+
+def validate_trainer(config: ml_collections.ConfigDict) -> None:
+    """The checks of the trainer's own fields (any model family)."""
     for f in ("batch_size", "grad_accum_steps", "total_steps", "eval_every", "eval_batches",
               "log_every", "checkpoint_every", "keep_checkpoints"):
         v = config[f]
@@ -95,12 +106,6 @@ def validate_config(config: ml_collections.ConfigDict) -> model_config.GPTConfig
     for f in ("allow_data_change", "restart_if_all_damaged", "takeover_lock"):
         if not isinstance(config[f], bool):
             _fail(f, config[f], f"must be a bool: --config.{f}=true or false.")
-    if gpt.execution.fsdp_collective_matmul and not fsdp:
-        # Without FSDP the weights are replicated: there is nothing to gather.
-        _fail("execution.fsdp_collective_matmul", True,
-              "it gathers FSDP-sharded weights: set --config.mesh.fsdp=true, or "
-              "--config.execution.fsdp_collective_matmul=false.")
-    return gpt
 
 
 def validate_mesh(config, gpt: model_config.GPTConfig, mesh) -> None:
@@ -111,7 +116,7 @@ def validate_mesh(config, gpt: model_config.GPTConfig, mesh) -> None:
               f"each micro-batch ({micro} rows) must split evenly over the "
               f"{shards} data x expert shards: use a multiple of "
               f"{shards * config.grad_accum_steps}.")
-    if gpt.moe is not None and not gpt.dense:
+    if gpt is not None and gpt.moe is not None and not gpt.dense:
         try:
             check_layer_on_mesh(gpt.moe, mesh)
         except FieldError as e:
@@ -138,13 +143,17 @@ def _check_same_model(saved: dict, config) -> None:
                 f"({saved.get(k)!r}): use a new --workdir, or the checkpoint's value.")
 
 
-def _resume(mgr, abstract: Any, config, fingerprint: dict, say) -> Optional[checkpoint.Restored]:
+def _resume(mgr, abstract: Any, config, fingerprint: dict, say,
+            hf: Optional[hf_model.HFModel] = None) -> Optional[checkpoint.Restored]:
     """The newest intact checkpoint (None: none yet), damaged newer ones set
     aside with a message; ConfigError when the config or the data do not fit
     it, or when every checkpoint is damaged (unless told to start over)."""
     def fits(step: int, saved, record: Optional[dict]) -> None:
         try:
-            _check_same_model(saved.model.to_dict(), config)
+            if hf is not None:
+                hf.check_same_model(saved)
+            else:
+                _check_same_model(saved.model.to_dict(), config)
         except ValueError as e:
             raise ConfigError(str(e)) from e
         change = data.fingerprint_change(record["data"], fingerprint) if record else ""
@@ -275,16 +284,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     passes it. Every process runs this same function.
     """
     t_start = time.time()
+    # The model seam: the GPT-MoE (jmoe.model), or an imported HF checkpoint
+    # (config.hf; jmoe.train.hf_model) trained by the same loop and step.
+    hf = None
     try:
-        gpt = validate_config(config)  # before any device work: errors come first
+        # before any device work: errors come first
+        if hf_model.is_hf(config):
+            validate_trainer(config)
+            gpt, hf = None, hf_model.validate_config(config)
+        else:
+            gpt = validate_config(config)
         if distributed:
             maybe_initialize_distributed(**(distributed if isinstance(distributed, dict) else {}))
         mesh = make_mesh(config.mesh, owner="config.mesh")
         validate_mesh(config, gpt, mesh)
         placement_cfg = rebalance.placement_config(config.get("placement"))
         adaptive_cfg = plans.adaptive_config(config.get("adaptive"))
-        rebalance.check_model(placement_cfg, gpt, mesh.shape["expert"])
-        corpus = data.load_corpus(config.data, gpt.vocab_size)
+        if hf is not None:
+            hf_model.validate_mesh(config, hf, mesh)
+            corpus = hf_model.load_corpus(config.data, hf)
+        else:
+            rebalance.check_model(placement_cfg, gpt, mesh.shape["expert"])
+            corpus = data.load_corpus(config.data, gpt.vocab_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     is_main = jax.process_index() == 0
@@ -296,15 +317,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
     lock = _hold_workdir(workdir, config, say)  # before anything touches the checkpoints
 
-    scfg = step_lib.step_config(config)
+    scfg = hf.step_config(config) if hf else step_lib.step_config(config)
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     schedule = step_lib.make_schedule(config.opt, config.total_steps)
-    init = step_lib.make_init(gpt, tx, config.seed)
-    abstract = jax.eval_shape(init)
+    if hf is not None:
+        init, abstract = None, hf.abstract_state(tx)
+    else:
+        init = step_lib.make_init(gpt, tx, config.seed)
+        abstract = jax.eval_shape(init)
     fsdp = config.mesh.get("fsdp", False)
     shardings = mesh_lib.state_shardings(mesh, abstract, fsdp=fsdp)
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    graphdef = step_lib.graphdef_of(gpt, slot_weights=placement_cfg.enabled)
+    graphdef = hf if hf else step_lib.graphdef_of(gpt, slot_weights=placement_cfg.enabled)
+    saved_config = hf.describe(config) if hf else config  # what each checkpoint stores
     placer = None
     if placement_cfg.enabled:
         # Experts (and their Adam moments) live in slot order while training.
@@ -327,10 +352,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         corpus.val, seq_len=seq_len, global_batch=batch, num_batches=config.eval_batches,
         local_rows=rows)]
 
-    counts = model_config.param_count_formula(gpt)
+    counts = hf.param_counts() if hf else model_config.param_count_formula(gpt)
     tokens_per_step = batch * seq_len
-    flops_per_step = model_config.flops_per_token(gpt, seq_len) * tokens_per_step
-    peak = metrics_lib.measure_peak_flops(gpt.dtype)
+    flops_per_step = (hf.flops_per_token(seq_len) if hf else
+                      model_config.flops_per_token(gpt, seq_len)) * tokens_per_step
+    peak = metrics_lib.measure_peak_flops(hf.cfg.dtype if hf else gpt.dtype)
+    moe_layers = hf.moe_layers if hf else list(gpt.moe_layers)
+    model_name = f"{hf.cfg.model_type} from {hf.path}: " if hf else ""
 
     def make_reporter(start: int) -> metrics_lib.Reporter:
         rep = metrics_lib.Reporter(
@@ -339,8 +367,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             peak_flops=peak, enabled=is_main)
         rep.log(f"data: {corpus.description}: {len(corpus.train):,} train / "
                 f"{len(corpus.val):,} val tokens")
-        rep.log(f"model: {counts['total'] / 1e6:.2f}M parameters, "
-                f"{counts['active'] / 1e6:.2f}M active; MoE layers {list(gpt.moe_layers)}; "
+        rep.log(f"model: {model_name}{counts['total'] / 1e6:.2f}M parameters, "
+                f"{counts['active'] / 1e6:.2f}M active; MoE layers {moe_layers}; "
                 f"mesh {dict(mesh.shape)}{' with FSDP' if fsdp else ''}; {len(jax.devices())} "
                 f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es); "
                 f"{flops_per_step / 1e9:.1f} GFLOP/step, "
@@ -352,7 +380,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
     with jax.set_mesh(mesh):
         try:
-            restored = _resume(mgr, abstract_with(abstract, shardings), config, fingerprint, say)
+            restored = _resume(mgr, abstract_with(abstract, shardings), config, fingerprint, say,
+                               hf)
         except ConfigError:
             if lock is not None:
                 lock.release()  # the user's to fix; the next launch finds the workdir free
@@ -363,6 +392,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             data_state = dict(restored.data_state)
             saved_placement = data_state.pop("placement", None)
             train_it.set_state(data_state)
+        elif hf is not None:  # only a run with no checkpoint reads the HF tensors
+            start = 0
+            state = hf.import_state(tx, shardings)
+            say(f"imported {hf.cfg.model_type} weights from {hf.path}")
         else:
             start = 0
             state = model_lib.compile_init(jax.jit(init, out_shardings=shardings))()
@@ -477,8 +510,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                     data_state = train_it.get_state()
                     if placer is not None:
                         data_state = dict(data_state, placement=placer.state_dict())
-                    saver.save(step, saved, data_state, config,
+                    saver.save(step, saved, data_state, saved_config,
                                checkpoint.integrity_record(step, saved, fingerprint), final=last)
+                if hf is not None and (last or (config.hf.export_every
+                                                and step % config.hf.export_every == 0)):
+                    out = hf.export(hf_model.export_dir(config, workdir), state)
+                    say(f"exported step {step}'s weights as an HF checkpoint to {out}")
                 if last:
                     break
             drain()

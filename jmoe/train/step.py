@@ -31,6 +31,20 @@ class TrainState:
     buffers: nnx.State  # every other variable, e.g. the routers' RouterBias
 
 
+class ModelFamily:
+    """A model other than the GPT-MoE that the steps can train (the trainer's
+    model seam; jmoe.train.hf_model.HFModel). Passed where the GPT's
+    `nnx.GraphDef` goes; the params and buffers are its own pytrees."""
+
+    def apply(self, params, buffers, inputs_BT, *, train, rng, placement):
+        """-> (float32 logits [B, T, V], MoEAux with a leading [layers] axis, or None)."""
+        raise NotImplementedError
+
+    def update_router_biases(self, params, buffers, aux, rate: float):
+        """-> buffers after one aux-loss-free bias update (StepConfig.update_router_bias)."""
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """The static (hashable) part of the config that the step needs."""
@@ -124,9 +138,13 @@ def graphdef_of(gpt_cfg: GPTConfig, slot_weights: bool = False) -> nnx.GraphDef:
 def _forward(graphdef, params, buffers, tokens_BT1, train: bool, rng, scfg: StepConfig,
              placement=None):
     """Loss terms of one (micro-)batch; returns (loss, (metrics, aux))."""
-    model = nnx.merge(graphdef, params, buffers)
     inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-    logits_BTV, aux = model(inputs_BT, train=train, rng=rng, placement=placement)
+    if isinstance(graphdef, ModelFamily):
+        logits_BTV, aux = graphdef.apply(params, buffers, inputs_BT, train=train, rng=rng,
+                                         placement=placement)
+    else:
+        model = nnx.merge(graphdef, params, buffers)
+        logits_BTV, aux = model(inputs_BT, train=train, rng=rng, placement=placement)
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
     nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
     ce = jnp.mean(nll_BT)
@@ -199,6 +217,8 @@ def train_step(state: TrainState, batch_BT1: jax.Array, placement=None, *,
 def _update_router_biases(graphdef, params, buffers, aux, rate: float) -> nnx.State:
     """Aux-loss-free balancing, outside the optimizer: nudge each MoE layer's
     selection bias toward its under-loaded experts (DeepSeek-V3)."""
+    if isinstance(graphdef, ModelFamily):
+        return graphdef.update_router_biases(params, buffers, aux, rate)
     model = nnx.merge(graphdef, params, buffers)
     for layer, rows in model.moe_block_rows():
         # A stacked layer (scan_layers) holds [R] biases: one update per row.
