@@ -15,6 +15,8 @@ A profile describes one accelerator and how it is wired:
   *_alpha        fixed cost of one collective call on that fabric, seconds
   *_peer         extra cost per peer message (what makes many small messages
                  slow: the reason for Tutel's two-level all-to-all), seconds
+  attention      the attention implementation the model runs (memory):
+                 "xla" (materialised scores) or "flash"
 
 Datasheet numbers carry their source on the line. Everything a datasheet
 does not give (achieved efficiencies, latencies, NIC counts where no
@@ -74,6 +76,11 @@ class Hardware:
     launch_overhead: float = 50e-6  # per jitted step call, seconds
     async_collectives: bool = True  # can an all-to-all run while compute runs
     causal_skip: bool = True  # attention skips masked blocks (flash attention)
+    # The attention the model runs, for memory: "xla" keeps the [B, H, S, S]
+    # scores (jax.nn.dot_product_attention's default path on every backend in
+    # jax 0.10, what jmoe.model calls); "flash" (cuDNN / Pallas kernels) keeps
+    # O(S) per head. The time fields above still assume flash (causal_skip).
+    attention: str = "xla"
     sources: tuple = ()
     measured: Optional[dict] = None  # raw calibration numbers (cpu-local)
 

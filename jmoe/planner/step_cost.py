@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jmoe.config import MoEConfig
+from jmoe.config import MoEConfig, mlp_matrices
+from jmoe.dispatch import dropless_rows
 from jmoe.model_config import GPTConfig, param_count_formula
 from jmoe.planner.hardware import Hardware
 from jmoe.planner.layer_cost import (LayerCost, OpCost, attention_cost, dense_ffn_cost,
@@ -92,30 +93,145 @@ def param_split(gpt: GPTConfig) -> tuple[float, float]:
     return float(total - experts), float(experts)
 
 
-def activation_bytes(gpt: GPTConfig, tokens: int, moe_rows: float, recv_rows: float) -> float:
-    """Rough bytes of activations kept for the backward of one micro-batch."""
-    b = dtype_bytes(gpt.dtype)
+ATTENTION_IMPLS = ("xla", "flash")
+
+
+def expert_buffer_rows(moe: MoEConfig, tokens: int, ep: int, detail: dict) -> float:
+    """Static rows of one MoE layer's expert buffers on one device (what the
+    compiled step allocates, padding included, not the rows that carry tokens).
+
+    One device: the kept assignments packed by expert, each group padded to
+    `group_align` (`jmoe.dispatch.dropless_rows`; capacity keeps at most E*C
+    of the T*K). Expert parallel: the capacity path's [E, C, D] buffers, the
+    dropless path's receive buffers of every bucket branch (`recv_rows`)
+    regrouped by local expert.
+    """
+    if ep == 1:
+        a = tokens * moe.top_k
+        if moe.dispatch == "capacity":
+            a = min(a, moe.num_experts * moe.capacity(tokens))
+        return float(dropless_rows(a, moe.num_experts, moe.group_align))
+    if moe.dispatch == "capacity":
+        return float(detail["buffer_rows"])
+    return float(detail["recv_rows"]) + (moe.num_experts // ep + 1) * (moe.group_align - 1)
+
+
+def _layer_params(gpt: GPTConfig, i: int, ep: int) -> float:
+    """Parameters of layer `i` on one device (routed experts split over ep)."""
     d, h, j, k = gpt.d_model, gpt.num_heads, gpt.kv_heads, gpt.head_size
-    attn = tokens * b * (3 * d + 2 * h * k + 2 * j * k)
-    if gpt.moe is not None and not gpt.dense:
-        m = gpt.moe
-        ffn_moe = (tokens * b * 3 * d + moe_rows * b * (2 * d + (m.expert_matrices + 1) * m.d_ff)
-                   + tokens * m.num_experts * 4 * 3)
+    mats = mlp_matrices(gpt.activation)
+    n = d * h * k + 2 * d * j * k + h * k * d + 2 * d  # attention and the two norms
+    if not gpt.is_moe_layer(i):
+        return n + mats * d * gpt.dense_hidden
+    m = gpt.moe
+    n += d * m.num_experts + m.num_experts * mats * d * m.d_ff / ep
+    n += mats * d * m.shared_hidden * (1 if m.num_shared_experts else 0)
+    return n + (mats * d * m.d_ff if gpt.scmoe else 0)
+
+
+def scan_bytes(gpt: GPTConfig, ep: int = 1) -> float:
+    """What `scan_layers` adds to a step's memory: for each group of layers
+    one `lax.scan` runs (the groups of `jmoe.model.scan_groups`: the first
+    dense layers, the periods of `moe_every`, the dense layers left at the
+    top) with 2 or more repeats, one repeat's weights sliced out of the
+    stacks and one repeat's gradient before it is written into the stacked
+    gradient: 2 x one period's parameters (measured on XLA:CPU: 7 single-layer
+    [E, D, F] buffers in a scanned 2-layer step, none unrolled; docs/scale.md).
+    """
+    if not gpt.scan_layers:
+        return 0.0
+    n, f = gpt.num_layers, min(gpt.first_dense_layers, gpt.num_layers)
+    if not gpt.moe_layers:
+        groups = [(0, 1, n)]
     else:
-        ffn_moe = 0.0
-    ffn_dense = tokens * b * (3 * d + 3 * gpt.dense_hidden) if (
-        gpt.dense or len(gpt.moe_layers) < gpt.num_layers) else 0.0
-    per_layer = [attn + (ffn_moe if gpt.is_moe_layer(i) else ffn_dense)
-                 for i in range(gpt.num_layers)]
-    logits = tokens * gpt.vocab_size * 4 * 2  # fp32 logits and their gradient
-    work = recv_rows * d * b * 3
+        periods = (n - f) // gpt.moe_every
+        tail = f + periods * gpt.moe_every
+        groups = [(0, 1, f), (f, gpt.moe_every, periods), (tail, 1, n - tail)]
+    pb = dtype_bytes(gpt.param_dtype)
+    return sum(2 * pb * sum(_layer_params(gpt, a + j, ep) for j in range(p))
+               for a, p, r in groups if r >= 2)
+
+
+def activation_items(gpt: GPTConfig, *, tokens: int, seq_len: int, expert_rows: float,
+                     attention: str = "xla", backend: str = "gpu") -> dict:
+    """Bytes one device keeps for the backward of one micro-batch, item by item
+    (name -> bytes), and their sum under "total".
+
+    Each item is a count of buffers of a shape, from what `jax.vjp` saves for
+    the model's forward (`jax.ad_checkpoint.print_saved_residuals`) as XLA
+    keeps it (measured on XLA:CPU, jax 0.10.2: docs/scale.md):
+
+      attention      per layer: the two norm outputs and the residual sum
+                     [T, D], q before and after rope and the output [T, H*K],
+                     rotated k and v [T, J*K].
+      scores         per layer, `attention="xla"` (what jmoe.model calls:
+                     jax.nn.dot_product_attention's XLA path, on every
+                     backend in jax 0.10): three float32 [B, H, S, S] buffers
+                     (masked logits, their exp, the probabilities), whatever
+                     the compute dtype; `"flash"`: the float32 [B, H, S]
+                     log-sum-exp.
+      moe            per MoE layer: the FFN norm, the layer's input and
+                     output [T, D], the un-permuted [T, K, D] rows, three
+                     float32 [T, E] router buffers; and on the expert buffers
+                     of R static rows (`expert_buffer_rows`): the permuted
+                     input, the down projection's output and its cotangent's
+                     slot [R, D], and 2 * mats [R, F] (the gmm outputs, the
+                     activation's intermediates, the hidden layer).
+      dense_ffn      per dense layer: [T, D] x 3 and (mats + 1) [T, F].
+      shared         per MoE layer with shared experts: the same on their F.
+      head           the embedding, final norm and its input [T, D], float32
+                     logits and log-probabilities [T, V].
+
+    remat (`gpt.execution.remat`) on a compiler that keeps jax.checkpoint's
+    saving (`backend` "gpu"/"tpu"): "full" keeps each block's input [T, D]
+    and one block's items, live while its backward runs; "dots" keeps what
+    the policy saves (the outputs of the projections, the router and the
+    expert gmms) and one block's items. XLA:CPU (`backend="cpu"`) schedules
+    the recomputed forward next to the original one, so the saving is lost:
+    "full" keeps what "none" keeps, and "dots" keeps the policy's saved dot
+    outputs on top (measured: docs/scale.md).
+    """
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"Hardware.attention={attention!r} is unknown: use one of "
+                         f"{ATTENTION_IMPLS} (--set attention=flash where the model runs a "
+                         "flash-attention kernel).")
+    b = dtype_bytes(gpt.dtype)
+    t, d, h, j, k, v = tokens, gpt.d_model, gpt.num_heads, gpt.kv_heads, gpt.head_size, gpt.vocab_size
+    s = seq_len
+    n_moe = len(gpt.moe_layers) if (gpt.moe is not None and not gpt.dense) else 0
+    n_dense = gpt.num_layers - n_moe
+    attn = t * b * (3 * d + 3 * h * k + 2 * j * k)
+    scores = 3 * t * h * s * 4 if attention == "xla" else t * h * 4
+    moe_tok = moe_rows = shared = dots_moe = 0.0
+    if n_moe:
+        m = gpt.moe
+        mats = m.expert_matrices
+        moe_tok = t * b * (3 * d + m.top_k * d) + 3 * t * m.num_experts * 4
+        moe_rows = expert_rows * b * (3 * d + 2 * mats * m.d_ff)
+        if m.num_shared_experts:
+            shared = t * b * (3 * d + (mats + 1) * m.shared_hidden)
+        dots_moe = (expert_rows * b * ((mats - 1) * m.d_ff + d) + t * m.num_experts * 4
+                    + (t * b * ((mats - 1) * m.shared_hidden + d) if shared else 0.0))
+    dense = t * b * (3 * d + (mlp_matrices(gpt.activation) + 1) * gpt.dense_hidden)
+    dots_dense = t * b * ((mlp_matrices(gpt.activation) - 1) * gpt.dense_hidden + d)
+    dots_attn = t * b * (h * k + 2 * j * k + d)  # q, k, v and output projections
+    head = t * d * b * 3 + t * v * 4 * 2
+    items = {"attention": gpt.num_layers * attn, "scores": gpt.num_layers * scores,
+             "moe": n_moe * (moe_tok + moe_rows + shared), "dense_ffn": n_dense * dense,
+             "head": head}
     remat = gpt.execution.remat
-    if remat == "full":
-        return gpt.num_layers * tokens * d * b + max(per_layer) + logits + work
-    if remat == "dots":
-        saved = tokens * b * (2 * h * k + 2 * j * k + d)
-        return gpt.num_layers * saved + max(per_layer) + logits + work
-    return sum(per_layer) + logits + work
+    if remat != "none":
+        dots = (gpt.num_layers * dots_attn + n_moe * dots_moe + n_dense * dots_dense
+                if remat == "dots" else 0.0)
+        if backend == "cpu":
+            items["remat_saved"] = dots
+        else:
+            block = attn + scores + max(moe_tok + moe_rows + shared if n_moe else 0.0,
+                                        dense if n_dense else 0.0)
+            items = {"block_inputs": gpt.num_layers * t * d * b, "remat_saved": dots,
+                     "one_block": block, "head": head}
+    items["total"] = sum(items.values())
+    return items
 
 
 def _embed_head_cost(gpt: GPTConfig, tokens: int, prim: Prim) -> LayerCost:
@@ -188,7 +304,7 @@ def step_cost(gpt: GPTConfig, setting: Setting, *, seq_len: int, batch_size: int
                                           gpt.head_size, tokens, seq_len, prim, remat),
                            gpt.num_layers)
     drop = 0.0
-    moe_rows = recv_rows = 0.0
+    expert_rows = 0.0
     if n_moe:
         m = setting.layer(gpt.moe)
         load_E = load_distribution(load, m.num_experts)
@@ -196,8 +312,7 @@ def step_cost(gpt: GPTConfig, setting: Setting, *, seq_len: int, batch_size: int
                             dtype=gpt.dtype, backend=backend)
         layers["moe"] = (lc, n_moe)
         drop = lc.drop_fraction
-        moe_rows = lc.detail.get("exchange_rows", lc.detail.get("rows_per_device", 0.0))
-        recv_rows = lc.detail.get("recv_rows", 0.0)
+        expert_rows = expert_buffer_rows(m, tokens, setting.ep, lc.detail)
     if n_dense:
         layers["dense_ffn"] = (dense_ffn_cost(gpt.d_model, gpt.dense_hidden, gpt.activation,
                                               tokens, prim, remat), n_dense)
@@ -207,8 +322,13 @@ def step_cost(gpt: GPTConfig, setting: Setting, *, seq_len: int, batch_size: int
     # AdamW: read param, grad, mu, nu; write param, mu, nu (param_dtype).
     opt = prim.mem(sync.params_per_device * pb * 7, kernels=8)
     state = sync.params_per_device * pb * (4 + (1 if accum > 1 else 0))
-    act = activation_bytes(gpt, tokens, moe_rows, recv_rows) + sync.gathered_bytes
+    items = activation_items(gpt, tokens=tokens, seq_len=seq_len, expert_rows=expert_rows,
+                             attention=hw.attention, backend=backend)
+    items["fsdp_gathered"] = sync.gathered_bytes
+    items["scan"] = scan_bytes(gpt, setting.ep)
+    act = items.pop("total") + items["fsdp_gathered"] + items["scan"]
     mem = {"state": state, "activations": act, "total": state + act,
-           "capacity": hw.mem_bytes, "params_per_device": sync.params_per_device}
+           "capacity": hw.mem_bytes, "params_per_device": sync.params_per_device,
+           "activation_items": items}
     return StepCost(setting, layers, accum, sync.time, sync.exposed, opt, hw.launch_overhead,
                     mem, drop)
