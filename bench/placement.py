@@ -20,6 +20,9 @@ gradients):
                  that path (rows assigned to replicas) with no change of balance
   re-placed      `jmoe.balance.balance(load_E, 8, E/8)`: R = 0 redundant
                  slots, weights in slot order
+  re-placed+R=4  `balance(load_E, 8, E/8 + 1, replicas=4)`: one spare slot per
+                 device, of which 4 may carry rows (the other 4 are idle: a
+                 share-0 copy; every device has the same slot count)
   re-placed+R=8  `balance(load_E, 8, E/8 + 1)`: one spare slot per device,
                  weights in slot order (replicas tied: their gradients summed)
   re-placed+R=8, gathered  the same placement with the weights left in
@@ -30,9 +33,8 @@ gradients):
                  the step's s hottest experts computed on every device for its
                  own tokens; dropless only, so no capacity columns
 
-both chosen from the loads MEASURED on this batch (`aux.expert_load` of the
-static layer). R = ep/2 = 4 cannot be expressed: every device has the same
-number of slots, so R is a multiple of ep. 
+all chosen from the loads MEASURED on this batch (`aux.expert_load` of the
+static layer).
 Recorded loads (`--recorded`, default bench/fixtures/default_run_expert_load.jsonl:
 the per-layer `expert_load` the default training run logged every 10 steps):
 busiest device / mean of each layer, static and under online re-placement
@@ -52,7 +54,9 @@ Columns:
   busiest device / mean   rows each device computes, from
                           `Placement.device_loads(measured loads)`
                           (`Placement.static` for the static row)
-  dropped, cf 1.0 / 1.25  `aux.dropped_fraction` of the capacity layer
+  dropped, cf 1.0 / 1.25  `aux.dropped_fraction` of the capacity layer (each
+                          slot holds one expert's capacity ceil(cf*T*K/E)
+                          per token shard, so replicas add capacity)
   exchange rows / min     dropless rows a device sends to other devices
                           (the ragged all-to-all of GPUs), mean over devices,
                           against the analytic minimum T_local*K*(ep-1)/ep of
@@ -95,13 +99,13 @@ from jmoe.placement import Placement, move_source, to_slots  # noqa: E402
 from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
 
 EP = 8
-LAYOUTS = ("static", "static, placed path", "re-placed", "re-placed+R=8",
+LAYOUTS = ("static", "static, placed path", "re-placed", "re-placed+R=4", "re-placed+R=8",
            "re-placed+R=8, gathered", "shadowed s=1", "shadowed s=2")
 SHADOWS = {"shadowed s=1": 1, "shadowed s=2": 2}
 GATHERED = "re-placed+R=8, gathered"
 NOTES = [
-    "R = ep/2 = 4 redundant slots cannot be expressed: every device has the same "
-    "number of slots S, so R = ep*S - E is a multiple of ep.",
+    "R = ep/2 = 4: every device has the same number of slots S, so 4 of the 8 "
+    "spare slots are idle (a share-0 copy of an expert on the same device).",
     "Placed rows keep the weights in slot order (params['slots']) except the "
     "'gathered' row, which gathers logical-order weights into slots on every call.",
     "8 virtual devices share the CPU's cores: times follow the total work and the "
@@ -217,7 +221,8 @@ def fwd_bwd_fns(cfg, mesh) -> dict:
     spare = harness.fwd_bwd(placed, diff_args=2)
     fns = {"static": harness.fwd_bwd(static(cfg), diff_args=2),
            "static, placed path": same_slots, "re-placed": same_slots,
-           "re-placed+R=8": spare, GATHERED: harness.fwd_bwd(placed, diff_args=2)}
+           "re-placed+R=4": spare, "re-placed+R=8": spare,
+           GATHERED: harness.fwd_bwd(placed, diff_args=2)}
     for layout, s in SHADOWS.items():
         fns[layout] = harness.fwd_bwd(static(cfg.with_execution(shadow_experts=s)), diff_args=2)
     return fns
@@ -235,7 +240,7 @@ def capacity_fns(cfg, mesh, cf: float) -> dict:
     same_slots, spare = placed(), placed()
     # Shadow experts run on the dropless path only: no capacity row.
     return {"static": static, "static, placed path": same_slots, "re-placed": same_slots,
-            "re-placed+R=8": spare, GATHERED: spare}
+            "re-placed+R=4": spare, "re-placed+R=8": spare, GATHERED: spare}
 
 
 def run_experts(a, num_experts: int, mesh) -> dict:
@@ -260,6 +265,7 @@ def run_experts(a, num_experts: int, mesh) -> dict:
 
     slots = {"static": num_experts // EP, "static, placed path": num_experts // EP,
              "re-placed": num_experts // EP,
+             "re-placed+R=4": num_experts // EP + 1,
              "re-placed+R=8": num_experts // EP + 1, GATHERED: num_experts // EP + 1,
              **{layout: num_experts // EP for layout in SHADOWS}}
     expert_sharding = NamedSharding(mesh, P("expert"))
@@ -285,7 +291,8 @@ def run_experts(a, num_experts: int, mesh) -> dict:
             t0 = time.perf_counter()
             place = (Placement.static(num_experts, EP)
                      if layout.startswith("static") or layout in SHADOWS
-                     else balance(load_E, EP, slots[layout]))
+                     else balance(load_E, EP, slots[layout],
+                                  replicas=EP // 2 if layout == "re-placed+R=4" else None))
             balance_s = time.perf_counter() - t0
             # Uncommitted (default device), as jmoe's tests pass them: arrays
             # replicated on the mesh with a NamedSharding fail inside the
@@ -302,7 +309,7 @@ def run_experts(a, num_experts: int, mesh) -> dict:
                            for cf in a.cfs}
                 ex = exchange(cfg, experts_TK, place)
             rows[layout] = {
-                "slots_per_device": slots[layout], "redundant": place.num_redundant,
+                "slots_per_device": slots[layout], "redundant": int((place.share_PS > 0).sum()) - num_experts,
                 "busiest_device": (ex["busiest_device_split"] if layout in SHADOWS
                                    else place.imbalance(load_E)),
                 "dropped": dropped, **ex,

@@ -57,7 +57,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jmoe.even_split import balanced_split, shares_from_slot_loads
+from jmoe.even_split import balanced_split, flatten_slot_peak, shares_from_slot_loads
 from jmoe.placement import Placement, check_load, normalized
 
 _EPS = 1e-9  # a move must gain this x mean to count
@@ -324,11 +324,20 @@ def _node_spread(slots_PS: np.ndarray, node_size: int) -> int:
     return int(held.sum() - held.any(axis=0).sum())
 
 
-def balance(load_E, ep: int, slots_per_device: int, node_size: int = 0) -> Placement:
+def balance(load_E, ep: int, slots_per_device: int, node_size: int = 0,
+            replicas: int | None = None) -> Placement:
     """A placement for per-expert loads `load_E` [E] on `ep` devices with
     `slots_per_device` slots each that keeps the busiest device light
     (module docstring: the method). `node_size` > 1: devices per node, replicas
     kept within their expert's node where one node can carry them.
+    `replicas`: how many of the `ep * slots_per_device - E` spare slots may
+    carry rows (None: all). The others are *idle*: each holds a copy of an
+    expert already on its device with a share of 0, so it computes nothing
+    (every device has the same slot count, so `R = ep/2` replicas is
+    `slots_per_device = E/ep + 1` with `replicas=ep//2`).
+    Among the splits that give the chosen layout its device loads, the one
+    whose busiest slot is lightest is kept (`flatten_slot_peak`): capacity
+    dispatch sizes every slot alike.
     Deterministic: ties go to the lower expert, then device, index."""
     load = np.asarray(load_E, np.float64)
     if load.ndim != 1 or load.size == 0:
@@ -347,15 +356,26 @@ def balance(load_E, ep: int, slots_per_device: int, node_size: int = 0) -> Place
     if not isinstance(node_size, int) or node_size < 0 or (node_size > 1 and ep % node_size):
         raise ValueError(f"node_size={node_size!r} is invalid: must be 0 or 1 (flat) or a "
                          f"divisor of ep={ep}.")
+    spare = ep * slots_per_device - e_count
+    if replicas is None:
+        replicas = spare
+    if not isinstance(replicas, (int, np.integer)) or not 0 <= replicas <= spare:
+        raise ValueError(f"replicas={replicas!r} is invalid: must be an integer from 0 to "
+                         f"{spare} ({ep} devices x {slots_per_device} slots - {e_count} "
+                         "experts).")
     spd = slots_per_device
     node_size = node_size if node_size > 1 else ep
-    load = normalized(load)
+    # Idle slots are zero-load stand-in experts E, E+1, ...: the method places
+    # them like any expert (last, being the lightest); they become idle
+    # copies at the end.
+    idle = spare - int(replicas)
+    load = np.concatenate([normalized(load), np.zeros(idle)])
     r = _replica_counts(load, ep * spd)
 
     # (slots, devices per node its local search keeps to), in order of preference on ties
     candidates = []
     if e_count % ep == 0:
-        # The static layout, its redundant slots filled by the greedy.
+        # The static layout, its redundant slots (and idle ones) filled by the greedy.
         start = np.full((ep, spd), -1)
         start[:, :e_count // ep] = np.arange(e_count).reshape(ep, e_count // ep)
         candidates.append((_greedy_slots(load, r, ep, spd, node_size, start.reshape(-1)),
@@ -381,15 +401,33 @@ def balance(load_E, ep: int, slots_per_device: int, node_size: int = 0) -> Place
                 or (busiest <= best[0] + tol and spread < best[1])):
             best = (busiest, spread, slots, x)
     _, _, slots, x = best
-    slots_PS = slots.reshape(ep, spd)
-    return Placement(e_count, slots_PS, shares_from_slot_loads(slots_PS, x.reshape(ep, spd), load))
+    x = flatten_slot_peak(slots, x, load, ep, spd)
+    slots_PS = slots.reshape(ep, spd).copy()
+    share_PS = shares_from_slot_loads(slots_PS, x.reshape(ep, spd), load)
+    if idle:
+        _make_idle(slots_PS, share_PS, e_count)
+    return Placement(e_count, slots_PS, share_PS)
+
+
+def _make_idle(slots_PS: np.ndarray, share_PS: np.ndarray, num_experts: int) -> None:
+    """Stand-in experts (ids >= E) -> a share-0 copy of an expert already on
+    the same device (its weights are local, and a move fills it from there);
+    a device of stand-ins only takes expert 0. In place."""
+    for p in range(slots_PS.shape[0]):
+        real = [e for e in slots_PS[p] if e < num_experts]
+        for s in range(slots_PS.shape[1]):
+            if slots_PS[p, s] >= num_experts:
+                slots_PS[p, s] = real[0] if real else 0
+                share_PS[p, s] = 0
 
 
 def with_shares(num_experts: int, slot_expert_PS, load_E) -> Placement:
-    """These slots, with the shares that make devices most even under `load_E`."""
+    """These slots, with the shares that make devices most even under `load_E`
+    (and, among those, the busiest slot lightest)."""
     slots = np.asarray(slot_expert_PS)
     Placement(num_experts, slots)  # validates the slots before the split reads them
     load = normalized(check_load(load_E, num_experts))
     ep, s = slots.shape
-    x = balanced_split(slots.reshape(-1), load, ep, s)
+    x = flatten_slot_peak(slots.reshape(-1), balanced_split(slots.reshape(-1), load, ep, s),
+                          load, ep, s)
     return Placement(num_experts, slots, shares_from_slot_loads(slots, x.reshape(ep, s), load))

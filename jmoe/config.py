@@ -367,8 +367,8 @@ class MoEConfig:
         """Slots per expert for `num_tokens` tokens (a static Python int); with
         a dynamic capacity (capacity_factor <= 0), the largest it may take.
 
-        `num_groups`: the buffers the assignments spread over when that is not
-        `num_experts` (a placement's physical slots, experts plus replicas)."""
+        `num_groups`: the buffers the assignments spread over when the
+        capacity is not set per expert (default: `num_experts`)."""
         return self.capacity_choices(num_tokens, num_groups)[-1]
 
     @property

@@ -216,3 +216,61 @@ def shares_from_slot_loads(slots_PS: np.ndarray, x_PS: np.ndarray, load: np.ndar
     return share.reshape(slots_PS.shape)
 
 
+
+
+def flatten_slot_peak(flat_slots: np.ndarray, x: np.ndarray, load: np.ndarray, ep: int,
+                      spd: int, steps: int = 30) -> np.ndarray:
+    """The split of the same slots with the same device loads as `x` (float64
+    [P*S] slot loads) whose busiest SLOT is as light as possible: a replicated
+    expert's rows spread over its replicas instead of piling on one.
+
+    Why: capacity dispatch gives every slot the same buffer, so one slot far
+    above the others drops rows even when devices are even. Device loads are
+    kept (each device at most its load in `x`, so all equal to it), so the
+    busiest device never changes. Bisection on a slot cap c with a max-flow
+    feasibility check (source -> expert: its load; expert -> each of its
+    slots: c; slot -> its device: the device's load in `x`; device -> sink)."""
+    n = flat_slots.shape[0]
+    dev_of = np.arange(n) // spd
+    dev_P = np.bincount(dev_of, weights=x, minlength=ep)
+    experts = sorted(set(flat_slots.tolist()))
+    replicas = {e: np.flatnonzero(flat_slots == e) for e in experts}
+    scale = max(float(load.sum()) / ep, 1e-300)
+    tol = 1e-9 * scale
+    # No split puts less than load / replicas on an expert's busiest replica.
+    low = max(float(load[e]) / len(replicas[e]) for e in experts)
+    high = float(x.max())
+    if high <= low * (1 + 1e-6) + tol:
+        return x
+    need = float(sum(load[e] for e in experts))
+
+    def split(cap: float):
+        flow = _Flow(1 + len(experts) + n + ep + 1, tol * 1e-3)
+        sink = len(experts) + n + ep + 1
+        edges = []
+        for i, e in enumerate(experts):
+            flow.add(0, 1 + i, float(load[e]))
+            for s in replicas[e]:
+                edges.append((s, flow.add(1 + i, 1 + len(experts) + s, cap)))
+        for s in range(n):
+            flow.add(1 + len(experts) + s, 1 + len(experts) + n + dev_of[s], math.inf)
+        for p in range(ep):
+            flow.add(1 + len(experts) + n + p, sink, float(dev_P[p]) + tol)
+        if flow.run(0, sink) < need - tol * len(experts):
+            return None
+        out = np.zeros(n)
+        for s, k in edges:
+            out[s] = flow.cap[k ^ 1]
+        return out
+
+    best = x
+    for _ in range(steps):
+        if high - low <= 1e-4 * scale:
+            break
+        mid = (low + high) / 2
+        got = split(mid)
+        if got is None:
+            low = mid
+        else:
+            best, high = got, mid
+    return best

@@ -194,7 +194,10 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     if cfg.dispatch == "dropless":
         out_TD, dropped = run(None, x_TD, groups_TK, r.weights_TK)
         return out_TD, router_sums(r, cfg.num_experts, dropped)
-    choices = cfg.capacity_choices(t, e)
+    # Capacity is per expert, as without a placement: every slot gets the
+    # buffer one expert gets in the static layer, so an expert with r
+    # replicas holds r of them (the balancer spreads its rows over them).
+    choices = cfg.capacity_choices(t)
     if len(choices) == 1:
         out_TD, dropped = run(choices[0], x_TD, groups_TK, r.weights_TK)
         used = choices[0]
@@ -202,7 +205,7 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
         out_TD, dropped, used = _dynamic_capacity(run, choices, e, x_TD, groups_TK,
                                                   r.weights_TK, reduce_need)
     return out_TD, router_sums(r, cfg.num_experts, dropped,
-                               capacity_factor=used * e / (t * cfg.top_k))
+                               capacity_factor=used * cfg.num_experts / (t * cfg.top_k))
 
 
 def _dynamic_capacity(run, choices: list, num_groups: int, x_TD, groups_TK, weights_TK,

@@ -51,7 +51,8 @@ def moe_apply(params: Params, x: jax.Array, cfg: MoEConfig, *,
         P*S physical slots holding the E experts plus redundant replicas, P the
         expert axis size. Data, not shapes: another placement of the same
         sizes does not recompile. Changes where work runs, never the result
-        (except that capacity dispatch sizes its buffers per slot).
+        (except which rows capacity dispatch drops: every slot gets one
+        expert's capacity, so a replicated expert holds more rows).
     """
     check_call(x, cfg, bias)
     check_placement(cfg, placement)

@@ -270,6 +270,72 @@ def test_balance_never_worse_than_static(shape, extra_slots, seed):
     assert _busiest(balance(load, ep, spd), load) <= static + _quantum(load, spd)
 
 
+@st.composite
+def cases_with_idle_slots(draw):
+    load, ep, spd = draw(small_cases())
+    replicas = draw(st.integers(0, ep * spd - load.size))
+    return load, ep, spd, replicas
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases_with_idle_slots())
+def test_balance_with_fewer_replicas_than_spare_slots(case):
+    """`replicas=R`: at most R slots beyond one per expert carry rows; the
+    others are idle (share 0). An idle slot is a slot holding a zero-load
+    expert, so the brute-force optimum over layouts with those stand-ins
+    bounds the result."""
+    load, ep, spd, replicas = case
+    pl = balance(load, ep, spd, replicas=replicas)
+    carrying = int((pl.share_PS > 0).sum())
+    assert carrying - load.size <= replicas
+    padded = np.concatenate([load, np.zeros(ep * spd - load.size - replicas)])
+    opt = _optimum(padded, ep, spd)
+    got = _busiest(pl, load)
+    q = _quantum(load, spd)
+    assert got >= opt - q
+    assert got <= OPTIMALITY_BOUND * opt + q
+
+
+def _lp_slot_peak(slots_PS: np.ndarray, load: np.ndarray, dev_P: np.ndarray) -> float:
+    """The lightest busiest slot of any split keeping each device at most
+    `dev_P`: a linear program (scipy), independent of the max-flow."""
+    from scipy.optimize import linprog
+    ep, spd = slots_PS.shape
+    n = ep * spd
+    flat = slots_PS.reshape(-1)
+    c = np.zeros(n + 1)
+    c[-1] = 1.0  # minimise the peak
+    a_ub = np.zeros((n + ep, n + 1))
+    for i in range(n):
+        a_ub[i, i], a_ub[i, -1] = 1.0, -1.0   # slot <= peak
+        a_ub[n + i // spd, i] = 1.0            # device sum <= its load
+    b_ub = np.concatenate([np.zeros(n), dev_P + 1e-9])
+    experts = np.unique(flat)
+    a_eq = np.zeros((len(experts), n + 1))
+    for k, e in enumerate(experts):
+        a_eq[k, :n] = flat == e
+    res = linprog(c, a_ub, b_ub, a_eq, load[experts], bounds=(0, None), method="highs")
+    assert res.status == 0
+    return float(res.x[-1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(layouts())
+def test_busiest_slot_is_as_light_as_the_device_loads_allow(case):
+    """Capacity dispatch gives every slot the same buffer: the shares keep the
+    best device loads (above) and, among such splits, the lightest busiest
+    slot (against a linear program)."""
+    slots, load = case
+    pl = with_shares(load.size, slots, load)
+    x_PS = load[pl.slot_expert_PS] * pl.share_PS / U
+    dev_P = x_PS.sum(axis=1)
+    best = _best_split_busiest(_hosts(slots, load.size), load, slots.shape[0])[0]
+    q = _quantum(load, slots.shape[1])
+    assert dev_P.max() == pytest.approx(best, abs=q)
+    peak = _lp_slot_peak(slots, load, dev_P)
+    assert x_PS.max() <= peak + q + 1e-6 * max(load.max(initial=0), 1)
+
+
 def test_skewed_router_is_evened_out():
     """One expert at 3x the mean load, E=16 over 8 devices with 3 slots each."""
     load = np.ones(16)
@@ -351,6 +417,8 @@ def test_balance_is_deterministic():
     (([1.0, float("nan")], 2, 1), "load_E"),
     (([], 2, 1), "load_E"),
     (([1.0, 1.0], 0, 1), "ep=0"),
+    (([1.0] * 8, 4, 3, 0, 5), "replicas=5 is invalid"),
+    (([1.0] * 8, 4, 3, 0, -1), "replicas=-1 is invalid"),
 ])
 def test_balance_rejects_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):

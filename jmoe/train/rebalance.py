@@ -104,10 +104,11 @@ def check_model(pc: PlacementConfig, gpt: GPTConfig, ep: int) -> None:
         _fail("every", pc.every, "expert_choice routing fills a fixed capacity per expert "
               "and cannot be placed: use a token-choice router or placement.every=0.")
     if gpt.moe.dispatch == "capacity":
-        # Capacity is per slot under a placement, so drops would change with it.
-        _fail("every", pc.every, "capacity dispatch sizes its buffers per slot, so a "
-              "placement changes which tokens drop: use model.dispatch='dropless' with "
-              "placement, or placement.every=0.")
+        # A replicated expert holds one capacity per replica, so which rows
+        # drop (and so the losses) would change with every move.
+        _fail("every", pc.every, "capacity dispatch gives each replica its own capacity, "
+              "so a placement changes which tokens drop: use model.dispatch='dropless' "
+              "with placement, or placement.every=0.")
     if gpt.moe.num_experts % ep:
         _fail("every", pc.every, f"num_experts={gpt.moe.num_experts} must divide over the "
               f"expert axis ({ep}).")
