@@ -164,7 +164,7 @@ def test_logical_norm_counts_each_expert_once():
 
 @pytest.mark.parametrize("overrides,match", [
     ({"placement.spare_slots": 1}, "replicas need re-placement"),
-    ({"placement.every": 2, "model.dispatch": "capacity"}, "capacity dispatch sizes its"),
+    ({"placement.every": 2, "model.dispatch": "capacity"}, "capacity dispatch gives each replica"),
     ({"placement.every": 2, "placement.policy": "sometimes"}, "choose one of"),
     ({"placement.every": -1}, "must be an integer >= 0"),
     ({"placement.every": 2, "placement.hardware": "tpu9"}, "choose 'auto' or one of"),
