@@ -416,12 +416,14 @@ def test_preemption_and_a_dead_process(tmp_path):
 @pytest.mark.slow
 def test_two_processes_with_online_placement_train_like_one(first_runs, tmp_path):
     """Online expert re-placement (issue 14) over 2 processes x 4 devices,
-    moving experts and Adam moments every step: the losses of the static
-    1-process run, to 1e-5."""
+    moving experts and Adam moments every step, with a shadow expert on top
+    (its weights gathered across both processes every step): the losses of
+    the static 1-process run, to 1e-5. (That shadowing takes effect is
+    checked in-process, tests/test_shadow_experts.py.)"""
     _, one, _, _ = first_runs
     placed = str(tmp_path / "placed")
     Job(placed, 2, **{"placement.every": 1, "placement.spare_slots": 1,
-                      "placement.policy": "always"}).wait()
+                      "placement.policy": "always", "execution.shadow_experts": 1}).wait()
     a, b = train_losses(one), train_losses(placed)
     assert sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
