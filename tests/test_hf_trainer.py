@@ -3,10 +3,10 @@ imported HF checkpoint (jmoe.train.hf_model) with its loop, step, checkpoints
 and metrics.
 
 One tiny reference run (module fixture: the Mixtral fixture, N steps,
-checkpoints every 2, the 8 test devices as data parallelism: no expert
-parallelism, and its first loss equals `finetune.loss_fn` on one device)
-serves most tests; the expert-parallel run and the resumed run must repeat
-its losses.
+checkpoints every 2, the 8 test devices as data parallelism) serves most
+tests. Its losses, and the expert-parallel run's, must equal a plain
+one-device loop over `jmoe.hf.finetune.make_train_step`; the resumed run
+must repeat them bit for bit.
 """
 
 import json
@@ -24,7 +24,7 @@ import jmoe.hf as hf
 from jmoe import routing
 from jmoe.hf import finetune
 from jmoe.sharding import specs
-from jmoe.train import cli, data, hf_model, loop
+from jmoe.train import cli, data, hf_model, loop, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures", "hf")
@@ -69,26 +69,40 @@ def ref_run(text, tmp_path_factory):
     return workdir, summary
 
 
-@pytest.mark.slow  # the module's reference run: two compiles on 8 devices (~30-50 s)
-def test_trains_and_the_first_loss_is_finetune_loss_fn(ref_run, text):
-    workdir, summary = ref_run
-    recs = records(workdir)
-    assert [r["step"] for r in recs] == list(range(1, N + 1))
-    losses = [r["loss"] for r in recs]
-    assert losses[-1] < 0.6 * losses[0], losses
-    # The step-1 batch rebuilt independently: the tokenizer library on the
-    # text, the EOS from config.json, the split by position, the trainer's
-    # window order (jmoe.train.data, as for the GPT).
+@pytest.fixture(scope="module")
+def one_device(text):
+    """The reference run's N losses computed without the trainer, on one
+    device: `finetune.make_train_step` (its `loss_fn`) with the trainer's
+    optimizer, on batches rebuilt independently -- the tokenizer library on
+    the text, the EOS from config.json, the split by position, the trainer's
+    window order (jmoe.train.data, as for the GPT). (step-1 loss, metrics, losses)."""
     path = os.path.join(FIX, "mixtral")
     ids = Tokenizer.from_file(os.path.join(path, "tokenizer.json")).encode(text.read_text()).ids
     with open(os.path.join(path, "config.json")) as f:
         ids = np.asarray(ids + [json.load(f)["eos_token_id"]], np.int32)
     train_ids = ids[:len(ids) - int(len(ids) * 10.0 / 100)]
-    batch = next(data.train_iterator(train_ids, seq_len=16, global_batch=8, seed=0))
+    batches = data.train_iterator(train_ids, seq_len=16, global_batch=8, seed=0)
+    config = tiny(text)
+    tx = step_lib.make_optimizer(config.opt, config.total_steps)
     cfg, params = hf.load(path)
-    want, m = finetune.loss_fn(params, batch, cfg, {"load_balance_loss": LB, "z_loss": Z})
-    np.testing.assert_allclose(recs[0]["loss"], float(want), rtol=2e-6)
-    np.testing.assert_allclose(recs[0]["ce"], float(m["ce"]), rtol=2e-6)
+    step = finetune.make_train_step(cfg, tx, {"load_balance_loss": LB, "z_loss": Z})
+    opt_state, out = tx.init(params), []
+    for _ in range(N):
+        params, opt_state, m = step(params, opt_state, next(batches))
+        out.append(jax.device_get(m))
+    return out
+
+
+@pytest.mark.slow  # the module's reference run and the one-device loop (~40-60 s)
+def test_trains_and_the_first_loss_is_finetune_loss_fn(ref_run, one_device):
+    workdir, summary = ref_run
+    recs = records(workdir)
+    assert [r["step"] for r in recs] == list(range(1, N + 1))
+    losses = [r["loss"] for r in recs]
+    assert losses[-1] < 0.6 * losses[0], losses
+    np.testing.assert_allclose(recs[0]["loss"], float(one_device[0]["loss"]), rtol=2e-6)
+    np.testing.assert_allclose(recs[0]["ce"], float(one_device[0]["ce"]), rtol=2e-6)
+    np.testing.assert_allclose(losses, [float(m["loss"]) for m in one_device], rtol=1e-5)
     # Aux losses and per-layer expert loads are logged, as for the GPT.
     load = np.asarray(recs[0]["expert_load"])
     assert load.shape == (2, 4) and np.allclose(load.sum(-1), 1.0)
@@ -165,8 +179,7 @@ def test_resume_replays_the_losses_without_reimporting(ref_run, text, tmp_path, 
 
 
 @pytest.mark.slow  # the expert-parallel step compiles for 8 devices (~30-60 s on 2 cores)
-def test_expert_parallel_fsdp_losses_equal_one_device(ref_run, text, tmp_path, monkeypatch):
-    ref, _ = ref_run
+def test_expert_parallel_fsdp_losses_equal_one_device(one_device, text, tmp_path, monkeypatch):
     # The fixture's leaves are below FSDP's size floor: lower it so FSDP splits them.
     monkeypatch.setattr(specs.fsdp_spec, "__kwdefaults__", {"min_size": 256})
     seen = {}
@@ -179,7 +192,7 @@ def test_expert_parallel_fsdp_losses_equal_one_device(ref_run, text, tmp_path, m
     monkeypatch.setattr(hf_model.HFModel, "import_state", spy)
     workdir = str(tmp_path / "ep")
     loop.run(tiny(text, **{"mesh.data": 2, "mesh.expert": 4, "mesh.fsdp": True}), workdir)
-    want = [r["loss"] for r in records(ref)]
+    want = [float(m["loss"]) for m in one_device]
     got = [r["loss"] for r in records(workdir)]
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # The layout took effect: E over `expert`, the embedding split over `data`.
@@ -210,7 +223,7 @@ def test_deepseek_selection_bias_is_updated_from_the_logged_loads(text, tmp_path
 @pytest.mark.parametrize("override, message", [
     ({"placement.every": 5}, r"config\.placement\.every=5 is invalid: online expert re-placement"),
     ({"adaptive.plans": 2}, r"config\.adaptive\.plans=2 is invalid"),
-    ({"mesh.tensor": 2}, r"config\.mesh\.tensor=2 is invalid"),
+    ({"mesh.data": 4, "mesh.tensor": 2}, r"config\.mesh\.tensor=2 is invalid"),
     ({"hf.bias_update_rate": 0.1}, r"config\.hf\.bias_update_rate=0\.1 .*no selection bias"),
     ({"hf.path": "/nonexistent"}, r"config\.hf\.path='/nonexistent' is invalid"),
     ({"data.path": "/nonexistent"}, r"config\.data\.path='/nonexistent'"),
