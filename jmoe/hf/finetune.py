@@ -13,8 +13,9 @@
 Under a mesh with an `expert` axis the MoE layers run expert-parallel, as in
 the forward pass (tokens split over `data` x `expert`, expert weights and
 their Adam moments over `expert`). `jmoe.hf.save` writes the result back.
-This is the building block; `python train.py` (jmoe.train) does not drive
-HF models yet (see docs/huggingface.md).
+This is the building block; `python train.py --config configs/hf_finetune.py`
+trains an imported checkpoint with the full trainer (jmoe.train.hf_model:
+resume, FSDP, metrics, export; see docs/huggingface.md).
 """
 
 from __future__ import annotations
