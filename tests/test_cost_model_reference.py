@@ -358,23 +358,27 @@ def _compile_train_step(gpt, data, ep, fsdp, batch_size, seq_len):
         return train.lower(state, batch).compile()
 
 
-# Short sequences keep the attention scores small: jax.nn.dot_product_attention
-# with implementation=None takes its XLA path (jax 0.10.2, GPUs included) and
-# materialises [B, H, S, S] probabilities, which the cost model, written for
-# flash attention, does not count.
+# (name, GPT overrides, data, ep, fsdp, seq_len, rows per device). The
+# memory prediction is checked on configs that move each of its items: the
+# [B, H, S, S] attention scores (seq 128), the expert buffers' static rows
+# (capacity on one device packs T*K rows padded to group_align), remat as
+# XLA:CPU keeps it, a dense layer beside MoE ones, depth, FSDP.
 XLA_CASES = [
-    # (name, gpt overrides, data, ep, fsdp)
-    ("ep2_fp32", dict(), 1, 2, False),
-    ("fsdp2_ep2_bf16", dict(param_dtype="bfloat16"), 2, 2, True),
+    ("ep2_fp32", dict(), 1, 2, False, 16, 32),
+    ("fsdp2_ep2_bf16", dict(param_dtype="bfloat16"), 2, 2, True, 16, 32),
+    ("seq128_remat_full", dict(remat="full"), 1, 1, False, 128, 8),
+    ("dense_mix_3_layers_dots", dict(remat="dots", num_layers=3, first_dense_layers=1), 1, 1,
+     False, 64, 8),
 ]
 
 
-@pytest.mark.parametrize("name,kw,data,ep,fsdp", XLA_CASES, ids=[c[0] for c in XLA_CASES])
-def test_predicted_memory_and_flops_match_xla(name, kw, data, ep, fsdp):
-    s, b_dev = 16, 32  # 512 tokens per device
+@pytest.mark.parametrize("name,kw,data,ep,fsdp,s,b_dev", XLA_CASES,
+                         ids=[c[0] for c in XLA_CASES])
+def test_predicted_memory_and_flops_match_xla(name, kw, data, ep, fsdp, s, b_dev):
     devices = data * ep
-    gpt = _gpt(d_model=128, num_layers=2, num_heads=2, num_kv_heads=0, first_dense_layers=0,
-               moe=dict(d_ff=256), **kw)
+    base = dict(d_model=128, num_layers=2, num_heads=2, num_kv_heads=0, first_dense_layers=0,
+                moe=dict(d_ff=256))
+    gpt = _gpt(**{**base, **kw})
     compiled = _compile_train_step(gpt, data, ep, fsdp, b_dev * devices, s)
     ma = compiled.memory_analysis()
     setting = Setting(ep, "capacity", CF, 1, 0, 0.0, 1, fsdp)
@@ -393,24 +397,32 @@ def test_predicted_memory_and_flops_match_xla(name, kw, data, ep, fsdp):
         assert small == 2 * 2 * 128 + 128 + 2 * 128 * E  # norms, final norm, routers
         expected += 3 * pb * small * (1 - 1 / data)
     assert ma.argument_size_in_bytes == pytest.approx(expected, abs=256)
-    # Temporaries = gradients (one more copy of the weights) + activations
-    # kept for the backward + scratch. Measured (jax 0.10.2, XLA:CPU):
-    # (temp - gradients) / predicted activations = 1.016 (ep2_fp32) and 1.19
-    # (fsdp2_ep2_bf16: the bf16 weights are cast to fp32 copies for the fp32
-    # compute, and FSDP gathers them whole); halving or doubling the
-    # activation estimate (tried) gives 2.0-2.2 or 0.6-0.75. remat is left
-    # at 'none': XLA:CPU does not keep jax.checkpoint's memory saving (a
-    # plain checkpointed MLP stack compiles to the same temp size), so
-    # the remat estimates cannot be checked here.
+    # The whole step (issue 17's target: within 20%): XLA's peak is the
+    # arguments, the outputs that do not reuse a donated buffer, and the
+    # temporaries (gradients, what the backward keeps, scratch). Measured
+    # (jax 0.10.2, XLA:CPU): 1.06 (ep2_fp32), 0.95 (fsdp2_ep2_bf16: FSDP
+    # gathers the bf16 weights whole and casts them to fp32 copies),
+    # 1.04 (seq128_remat_full), 0.96 (dense_mix_3_layers_dots).
+    peak = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+            + ma.temp_size_in_bytes)
+    assert 0.8 < mem["total"] / peak < 1.2, (mem["total"] / peak, mem["activation_items"])
+    # The activations alone (temporaries less the gradients) are the hard
+    # part of the estimate: held to the same band where they are most of
+    # the step (no FSDP: its gathered copies are not itemised).
     grads = mem["state"] / 4
-    assert ma.temp_size_in_bytes > grads
-    ratio = (ma.temp_size_in_bytes - grads) / mem["activations"]
-    assert 0.9 < ratio < 1.3, ratio
+    if not fsdp:
+        ratio = mem["activations"] / (ma.temp_size_in_bytes - grads)
+        assert 0.8 < ratio < 1.2, ratio
     # FLOPs: XLA counts 2 per multiply-add of every dot plus 1 per
     # elementwise op; the model counts matmuls only, so XLA is a little above
     # (measured 1.019 for ep2_fp32, 1.027 with FSDP). Non-causal cores:
     # jax.nn.dot_product_attention computes the full S x S scores. Dropping
     # the backward or a SwiGLU matrix of the experts (tried) gives 1.35.
+    # Not with remat: XLA:CPU drops the recomputed forward (measured 0.60
+    # of the model's count with remat='full', 0.85 with 'dots'), as it
+    # drops remat's memory saving above.
+    if gpt.execution.remat != "none":
+        return
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = step_cost(gpt, setting, seq_len=s, batch_size=b_dev * devices, devices=devices,

@@ -153,7 +153,8 @@ def scan_bytes(gpt: GPTConfig, ep: int = 1) -> float:
 
 
 def activation_items(gpt: GPTConfig, *, tokens: int, seq_len: int, expert_rows: float,
-                     attention: str = "xla", backend: str = "gpu") -> dict:
+                     batched_experts: bool = False, attention: str = "xla",
+                     backend: str = "gpu") -> dict:
     """Bytes one device keeps for the backward of one micro-batch, item by item
     (name -> bytes), and their sum under "total".
 
@@ -176,7 +177,9 @@ def activation_items(gpt: GPTConfig, *, tokens: int, seq_len: int, expert_rows: 
                      of R static rows (`expert_buffer_rows`): the permuted
                      input, the down projection's output and its cotangent's
                      slot [R, D], and 2 * mats [R, F] (the gmm outputs, the
-                     activation's intermediates, the hidden layer).
+                     activation's intermediates, the hidden layer), or, for
+                     `batched_experts` (the expert-parallel capacity path's
+                     [E, C, D] einsums), mats + 1 [R, F] as a dense FFN.
       dense_ffn      per dense layer: [T, D] x 3 and (mats + 1) [T, F].
       shared         per MoE layer with shared experts: the same on their F.
       head           the embedding, final norm and its input [T, D], float32
@@ -186,10 +189,10 @@ def activation_items(gpt: GPTConfig, *, tokens: int, seq_len: int, expert_rows: 
     saving (`backend` "gpu"/"tpu"): "full" keeps each block's input [T, D]
     and one block's items, live while its backward runs; "dots" keeps what
     the policy saves (the outputs of the projections, the router and the
-    expert gmms) and one block's items. XLA:CPU (`backend="cpu"`) schedules
-    the recomputed forward next to the original one, so the saving is lost:
-    "full" keeps what "none" keeps, and "dots" keeps the policy's saved dot
-    outputs on top (measured: docs/scale.md).
+    expert gmms) and one block's items. XLA:CPU (`backend="cpu"`) keeps no
+    saving (measured, docs/scale.md): with "full" its cost analysis counts
+    no recomputed FLOPs and it keeps what "none" keeps; with "dots" it
+    keeps the policy's saved dot outputs on top of that.
     """
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"Hardware.attention={attention!r} is unknown: use one of "
@@ -207,7 +210,8 @@ def activation_items(gpt: GPTConfig, *, tokens: int, seq_len: int, expert_rows: 
         m = gpt.moe
         mats = m.expert_matrices
         moe_tok = t * b * (3 * d + m.top_k * d) + 3 * t * m.num_experts * 4
-        moe_rows = expert_rows * b * (3 * d + 2 * mats * m.d_ff)
+        f_bufs = mats + 1 if batched_experts else 2 * mats
+        moe_rows = expert_rows * b * (3 * d + f_bufs * m.d_ff)
         if m.num_shared_experts:
             shared = t * b * (3 * d + (mats + 1) * m.shared_hidden)
         dots_moe = (expert_rows * b * ((mats - 1) * m.d_ff + d) + t * m.num_experts * 4
@@ -322,8 +326,9 @@ def step_cost(gpt: GPTConfig, setting: Setting, *, seq_len: int, batch_size: int
     # AdamW: read param, grad, mu, nu; write param, mu, nu (param_dtype).
     opt = prim.mem(sync.params_per_device * pb * 7, kernels=8)
     state = sync.params_per_device * pb * (4 + (1 if accum > 1 else 0))
+    batched = n_moe > 0 and setting.ep > 1 and setting.dispatch == "capacity"
     items = activation_items(gpt, tokens=tokens, seq_len=seq_len, expert_rows=expert_rows,
-                             attention=hw.attention, backend=backend)
+                             batched_experts=batched, attention=hw.attention, backend=backend)
     items["fsdp_gathered"] = sync.gathered_bytes
     items["scan"] = scan_bytes(gpt, setting.ep)
     act = items.pop("total") + items["fsdp_gathered"] + items["scan"]
