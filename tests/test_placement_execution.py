@@ -49,17 +49,21 @@ def _inputs(cfg):
 
 
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-@pytest.mark.parametrize("data,expert,slots,chunks,hierarchy", [
-    (1, 8, 2, 1, 0), (2, 4, 3, 1, 0), (1, 8, 3, 2, 0), (1, 8, 2, 1, 2)])
-def test_placed_layer_equals_the_static_layer(dispatch, data, expert, slots, chunks, hierarchy):
+@pytest.mark.parametrize("data,expert,slots,replicas,chunks,hierarchy", [
+    (1, 8, 2, None, 1, 0), (2, 4, 3, None, 1, 0), (1, 8, 3, 4, 2, 0), (1, 8, 2, None, 1, 2)])
+def test_placed_layer_equals_the_static_layer(dispatch, data, expert, slots, replicas, chunks,
+                                              hierarchy):
     """Balanced placements with replicas (a replicated expert's gradient is
-    the sum over its replicas), with overlap chunks and the two-level
-    all-to-all too; capacity with room for every row (placement changes C per
-    slot, so it equals the static layer only when nothing drops)."""
+    the sum over its replicas), with idle slots (R = ep/2), overlap chunks
+    and the two-level all-to-all too; capacity with room for every row (a
+    replica adds capacity, so it equals the static layer only when nothing
+    drops)."""
     cfg = _cfg(dispatch=dispatch, overlap_chunks=chunks, a2a_hierarchy=hierarchy)
     params, x, ct = _inputs(cfg)
-    place = balance(LOAD, expert, slots)
+    place = balance(LOAD, expert, slots, replicas=replicas)
     assert place.num_redundant == expert * slots - E
+    if replicas is not None:  # the idle slots get no rows
+        assert (place.share_PS == 0).sum() >= place.num_redundant - replicas
     assert place.imbalance(LOAD) < 1.05 < pl.Placement.static(E, expert).imbalance(LOAD)
     mesh = make_mesh(data=data, expert=expert)
     want = _fwd_bwd(cfg, params, x, ct, mesh=mesh, placement=None)
