@@ -45,6 +45,19 @@ def _full_logits(model: GPT, seqs: list[list[int]]) -> np.ndarray:
     return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])(state, block))
 
 
+def _unit_scale(model: GPT) -> GPT:
+    """The model with every weight matrix redrawn at std shape[-2]^-1/2
+    (as tests/test_train.py does), larger than the init's. At init scale the
+    tiny model's greedy tokens barely depend on the context: decoding at
+    positions off by one gave the same 30 tokens."""
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(0, x.shape[-2] ** -0.5, x.shape).astype(x.dtype))
+        if x.ndim > 1 and jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    return nnx.merge(graphdef, state)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cached_logits_equal_uncached_at_every_position(name):
     """Sampled (temperature, top-k, top-p) continuations of a batch of
@@ -68,7 +81,7 @@ def test_greedy_equals_argmax_of_repeated_full_forwards():
     """temperature=0: each new token is the argmax of the uncached model run
     again on the sequence so far (a fixed [B, T + n] window, position read
     per row)."""
-    model = tiny(num_layers=3, first_dense_layers=1)
+    model = _unit_scale(tiny(num_layers=3, first_dense_layers=1))
     n = 10
     toks = gen.generate(model, PROMPTS, max_new_tokens=n, temperature=0.0)
     graphdef, state = nnx.split(model)
@@ -127,3 +140,34 @@ def test_expert_choice_is_refused_before_compile():
     model = tiny(router="expert_choice", dispatch="capacity")
     with pytest.raises(ValueError, match="router='expert_choice'.*token-choice router"):
         gen.generate(model, PROMPTS, max_new_tokens=2)
+
+
+def test_sample_cli_uses_the_cache_and_stops_at_the_window(monkeypatch, capsys):
+    """`python -m jmoe.sample RUN_DIR`: greedy bytes equal the cached greedy
+    continuation, --top_p reaches the sampler, and a --length past the
+    run's window stops there with a note."""
+    import ml_collections
+
+    from jmoe.train import sample
+
+    model = tiny(vocab_size=256)
+    config = ml_collections.ConfigDict({"data": {"source": "stdlib", "seq_len": 16}})
+    monkeypatch.setattr(sample, "load", lambda workdir, step=None: (model, config, 7))
+    seen = {}
+    real = gen.generate
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    assert sample.main(["run", "--prompt", "def ", "--length", "40", "--temperature", "0",
+                        "--top_p", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert seen["max_new_tokens"] == 12 and seen["top_p"] == 0.5  # 16 - len("def ")
+    assert "stopped after 12 of --length 40 tokens" in err and "seq_len=16" in err
+    ref = real(model, [list(b"def ")], max_new_tokens=12, temperature=0.0)[0]
+    assert out == "def " + bytes(ref.astype(np.uint8)).decode("utf-8", "replace") + "\n"
+    # A prompt that fills the window is refused.
+    assert sample.main(["run", "--prompt", "x" * 16]) == 1
+    assert "shorten the prompt" in capsys.readouterr().err

@@ -5,8 +5,10 @@
 
 The model and vocabulary come from the config saved in the checkpoint. Byte
 vocabularies (the stdlib and text sources) print text; token files print ids.
-Each new token runs the model over a window of at most `seq_len` tokens (no
-KV cache: simple, and fast enough for the small models this is meant for).
+Generation uses a KV cache (`jmoe.generate`: one prefill of the prompt, then
+one cached step per token) sized to prompt + `--length` tokens, at most the
+run's training window `config.data.seq_len`: longer requests stop there, with
+a note on stderr. `--top_p` adds nucleus sampling; `--temperature 0` is greedy.
 
 Given a Hugging Face directory instead (config.json + safetensors +
 tokenizer.json; Mixtral, Qwen2-MoE, Qwen3-MoE), it imports it with `jmoe.hf`
@@ -18,17 +20,15 @@ and samples with a KV cache (prefill, then one token per step):
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jmoe import hf, model as model_lib, model_config
+from jmoe import generate as generate_lib, hf, model as model_lib, model_config
 from jmoe.train import checkpoint, step as step_lib
 
 
@@ -48,30 +48,24 @@ def load(workdir: str, step: Optional[int] = None):
     return model, config, step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "top_k"))
-def _next_token(graphdef, state, buf_1T, pos, key, temperature, top_k: int):
-    logits_1TV, _ = nnx.merge(graphdef, state)(buf_1T)
-    logits_V = logits_1TV[0, pos - 1] / jnp.maximum(temperature, 1e-6)
-    if top_k > 0:
-        kth = jax.lax.top_k(logits_V, top_k)[0][-1]
-        logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)
-    return jax.random.categorical(key, logits_V)
-
-
 def generate(model: model_lib.GPT, prompt: np.ndarray, *, length: int, seq_len: int,
-             temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> np.ndarray:
-    """`prompt` followed by `length` sampled token ids."""
-    graphdef, state = nnx.split(model)
-    out = [int(t) for t in prompt] or [ord("\n")]
-    key = jax.random.key(seed)
-    for i in range(length):
-        window = out[-seq_len:]
-        buf = np.zeros((1, seq_len), np.int32)
-        buf[0, :len(window)] = window
-        tok = _next_token(graphdef, state, jnp.asarray(buf), len(window),
-                          jax.random.fold_in(key, i), temperature, top_k)
-        out.append(int(tok))
-    return np.array(out[len(prompt):] if len(prompt) else out[1:], np.int64)
+             temperature: float = 0.8, top_k: int = 40, top_p: float = 1.0,
+             seed: int = 0) -> np.ndarray:
+    """The `length` token ids sampled after `prompt` (a newline when it is
+    empty), with a KV cache of prompt + `length` slots (`jmoe.generate`).
+
+    seq_len: the model's window; prompt + length must fit in it.
+    """
+    context = [int(t) for t in prompt] or [ord("\n")]
+    if len(context) + length > seq_len:
+        raise ValueError(f"generate: prompt ({len(context)} tokens) + length={length} exceeds "
+                         f"the model's window seq_len={seq_len}: ask for at most "
+                         f"{max(seq_len - len(context), 0)} tokens or shorten the prompt.")
+    if length <= 0:
+        return np.zeros((0,), np.int64)
+    toks = generate_lib.generate(model, [context], max_new_tokens=length,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return toks[0].astype(np.int64)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -83,8 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--top_k", type=int, default=40, help="0: sample from the full distribution")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ap.add_argument("--top_p", type=float, default=1.0,
-                    help="nucleus sampling (Hugging Face directories; 1.0: off)")
+    ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1.0: off)")
     ap.add_argument("--no_bos", action="store_true",
                     help="do not put the checkpoint's BOS id before the prompt (HF)")
     args = ap.parse_args(argv)
@@ -103,10 +96,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         prompt = np.frombuffer(args.prompt.encode(), np.uint8).astype(np.int32)
     else:
         prompt = np.array([int(t) for t in args.prompt.split(",") if t.strip()], np.int32)
-    toks = generate(model, prompt, length=args.length, seq_len=config.data.seq_len,
-                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    seq_len = config.data.seq_len
+    room = seq_len - max(len(prompt), 1)  # an empty prompt starts from a newline
+    if room <= 0:
+        print(f"error: the prompt has {len(prompt)} tokens and the model's window is "
+              f"config.data.seq_len={seq_len}: shorten the prompt.", file=sys.stderr)
+        return 1
+    length = min(args.length, room)
+    try:
+        toks = generate(model, prompt, length=length, seq_len=seq_len,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed)
+    except ValueError as e:  # e.g. an unsupported router for cached decoding
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"# {args.workdir} step {step}, temperature {args.temperature}, top-k {args.top_k}, "
-          f"seed {args.seed}", file=sys.stderr)
+          f"top-p {args.top_p}, seed {args.seed}", file=sys.stderr)
+    if length < args.length:
+        print(f"# stopped after {length} of --length {args.length} tokens: prompt + new tokens "
+              f"reached the model's window config.data.seq_len={seq_len} (the KV cache holds "
+              f"the whole text, and the model never saw positions past its window).",
+              file=sys.stderr)
     if is_bytes:
         sys.stdout.write(args.prompt + bytes(toks.astype(np.uint8)).decode("utf-8", "replace"))
         sys.stdout.write("\n")
