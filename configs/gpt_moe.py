@@ -107,6 +107,7 @@ def _execution(**kw) -> ml_collections.ConfigDict:
         collective_matmul=False,  # ring reduce-scatter for expert tensor parallelism
         shadow_experts=0,  # FasterMoE: the step's s hottest experts computed on every device
         capacity_buckets=(1.25, 1.5, 2.0, 3.0),  # dynamic capacity (capacity_factor <= 0): sizes tried
+        capacity_layout="auto",  # EP capacity exchange: dense [E,C] | packed (kept rows) | auto
     )
     e.update(kw)
     return ml_collections.ConfigDict(e)

@@ -16,6 +16,7 @@ GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
 DROP_POLICIES = ("position", "probability")
 GMM_BACKENDS = ("auto", "xla", "pallas")
 RAGGED_IMPLS = ("auto", "native", "dense")
+CAPACITY_LAYOUTS = ("auto", "dense", "packed")
 
 
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
@@ -124,7 +125,17 @@ class Execution:
         <= 0), the capacities compiled besides the largest, as multiples of
         the balanced load T*K/E; each step runs the smallest that holds the
         busiest expert (`jax.lax.switch`, one scalar max over the mesh), so
-        a step never recompiles. () = always the largest.
+        a step never recompiles. () = always the largest. Used by the
+        `dense` capacity layout only.
+      capacity_layout: how the expert-parallel capacity path exchanges its
+        rows. `dense`: fixed [E, C] buffers through `lax.all_to_all`
+        (GShard; with a dynamic capacity, `capacity_buckets` size them).
+        `packed`: only the kept rows, through the dropless exchange (its
+        `ep_buckets` size the buffers), so a capacity costs what its kept
+        rows cost and a dynamic capacity (which only bounds what drops)
+        never pays for padding. The same rows are kept either way. `auto`:
+        packed for a dynamic capacity (`capacity_factor <= 0`) without
+        overlap chunks, dense otherwise. One device always packs.
       shadow_experts: FasterMoE's shadow experts on the expert-parallel
         dropless path: each step, the `s` experts with the most assignments on
         the whole mesh are computed on every device for that device's own
@@ -140,6 +151,7 @@ class Execution:
     overlap_chunks: int = 1
     collective_matmul: bool = False
     capacity_buckets: tuple = (1.25, 1.5, 2.0, 3.0)
+    capacity_layout: str = "auto"
     shadow_experts: int = 0
 
     def __post_init__(self):
@@ -172,6 +184,9 @@ class Execution:
                 not isinstance(f, (int, float)) or f <= 0 for f in c) or list(c) != sorted(set(c)):
             _fail("capacity_buckets", c, "must be a tuple of increasing factors > 0, e.g. "
                   "(1.25, 1.5, 2.0, 3.0); () = always the largest capacity.", owner)
+        if self.capacity_layout not in CAPACITY_LAYOUTS:
+            _fail("capacity_layout", self.capacity_layout,
+                  f"choose one of {CAPACITY_LAYOUTS}.", owner)
         if not isinstance(self.shadow_experts, int) or self.shadow_experts < 0:
             _fail("shadow_experts", self.shadow_experts,
                   "must be an integer >= 0 (0 = no shadow experts).", owner)
@@ -352,6 +367,12 @@ class MoEConfig:
                   f"({GATED_ACTIVATIONS}); set expert_bias=False.")
         if not self.swiglu_limit > 0:
             _fail("swiglu_limit", self.swiglu_limit, "must be > 0 (GPT-OSS uses 7.0).")
+        if (self.execution.capacity_layout == "packed" and self.dispatch == "capacity"
+                and self.execution.overlap_chunks > 1):
+            # Chunks of tokens would each get their own capacity: other drops.
+            _fail("capacity_layout", "packed", "the packed capacity layout runs without "
+                  "overlap chunks: set execution.overlap_chunks=1 or capacity_layout='dense'.",
+                  "Execution")
         if self.num_shared_experts < 0:
             _fail("num_shared_experts", self.num_shared_experts, "must be >= 0.")
         if self.num_shared_experts and self.shared_d_ff < 0:
@@ -370,6 +391,15 @@ class MoEConfig:
         `num_groups`: the buffers the assignments spread over when the
         capacity is not set per expert (default: `num_experts`)."""
         return self.capacity_choices(num_tokens, num_groups)[-1]
+
+    @property
+    def packed_capacity(self) -> bool:
+        """The expert-parallel capacity path exchanges only the kept rows
+        (`Execution.capacity_layout`; `auto`: for a dynamic capacity)."""
+        layout = self.execution.capacity_layout
+        if layout == "auto":
+            return self.dynamic_capacity and self.execution.overlap_chunks == 1
+        return self.dispatch == "capacity" and layout == "packed"
 
     @property
     def dynamic_capacity(self) -> bool:

@@ -201,6 +201,11 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     if len(choices) == 1:
         out_TD, dropped = run(choices[0], x_TD, groups_TK, r.weights_TK)
         used = choices[0]
+    elif packed:
+        # Packed rows cost what is kept, whatever C: one run at the bound;
+        # the capacity reported is the smallest choice that held the need.
+        out_TD, dropped = run(choices[-1], x_TD, groups_TK, r.weights_TK)
+        _, used = _capacity_branch(choices, e, groups_TK, reduce_need)
     else:
         out_TD, dropped, used = _dynamic_capacity(run, choices, e, x_TD, groups_TK,
                                                   r.weights_TK, reduce_need)
@@ -214,16 +219,22 @@ def _dynamic_capacity(run, choices: list, num_groups: int, x_TD, groups_TK, weig
     (`jax.lax.switch`; `reduce_need` makes the choice the same on every shard
     of a mesh). Each branch is rematerialised in the backward pass: a switch
     otherwise keeps every branch's residuals. Returns (out_TD, dropped, C)."""
-    count_G = jnp.zeros((num_groups,), jnp.int32).at[groups_TK.reshape(-1)].add(1)
-    need = jnp.max(count_G)
-    if reduce_need is not None:
-        need = reduce_need(need)
-    branch = jnp.sum(need > jnp.asarray(choices[:-1], jnp.int32)).astype(jnp.int32)
+    branch, used = _capacity_branch(choices, num_groups, groups_TK, reduce_need)
     branches = [jax.checkpoint(functools.partial(run, c)) for c in choices]
     with jax.named_scope("dynamic_capacity"):
         out_TD, dropped = jax.lax.switch(branch, branches, x_TD, groups_TK, weights_TK)
-    used = jnp.asarray(choices, jnp.float32)[branch]
     return out_TD, dropped, used
+
+
+def _capacity_branch(choices: list, num_groups: int, groups_TK, reduce_need):
+    """(int32 index of the smallest of `choices` holding the busiest group,
+    that capacity as float32); `reduce_need` makes it the same on every shard."""
+    count_G = jnp.zeros((num_groups,), jnp.int32).at[groups_TK.reshape(-1)].add(1)
+    need = jax.lax.stop_gradient(jnp.max(count_G))
+    if reduce_need is not None:
+        need = reduce_need(need)
+    branch = jnp.sum(need > jnp.asarray(choices[:-1], jnp.int32)).astype(jnp.int32)
+    return branch, jnp.asarray(choices, jnp.float32)[branch]
 
 
 def place_assignments(experts_TK: jax.Array, placement: PlacementArrays) -> jax.Array:

@@ -41,21 +41,43 @@ def _fwd_bwd(cfg, params, x, ct, bias, mesh):
     return jax.jit(run)(params, x, ct)
 
 
-MESHES = [None, (2, 4)]
+@pytest.fixture
+def exchanges(monkeypatch):
+    """Counts traces of the dense [E, C] capacity exchange (to see which
+    capacity layout ran)."""
+    from jmoe.sharding import expert_parallel
+    calls = []
+    inner = expert_parallel.capacity_exchange
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return inner(*a, **kw)
+    monkeypatch.setattr(expert_parallel, "capacity_exchange", spy)
+    return calls
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-def test_capacity_zero_drops_nothing_and_equals_dropless(mesh):
+def _took_layout(mesh, layout, calls):
+    """The dense layout exchanged [E, C] buffers; the packed one did not."""
+    if mesh is not None:
+        assert bool(calls) == (layout == "dense"), (layout, len(calls))
+
+
+@pytest.mark.parametrize("mesh,layout", [(None, "auto"), ((2, 4), "dense"), ((2, 4), "auto")])
+def test_capacity_zero_drops_nothing_and_equals_dropless(mesh, layout, exchanges):
     """Every token sends its first choice to one expert (the worst case a
     fixed capacity drops most of): capacity 0 drops nothing, and the output
-    and every gradient equal the dropless layer's."""
+    and every gradient equal the dropless layer's; on a mesh with [E, C]
+    buffers sized by the buckets (dense) and with only the kept rows
+    exchanged (packed, what `auto` picks for a dynamic capacity)."""
     params, x, ct = _inputs()
     m = make_mesh(data=mesh[0], expert=mesh[1]) if mesh else None
     y0, _, g0 = _fwd_bwd(_cfg(), params, x, ct, ALL_TO_ONE, m)
     # One bucket below the largest on the mesh: fewer branches to compile.
     buckets = dict(capacity_buckets=(1.5,)) if mesh else {}
-    y1, aux, g1 = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=0.0, **buckets), params,
+    y1, aux, g1 = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=0.0,
+                                capacity_layout=layout, **buckets), params,
                            x, ct, ALL_TO_ONE, m)
+    _took_layout(mesh, "packed" if layout == "auto" else layout, exchanges)
     assert float(aux.dropped_fraction) == 0.0
     # The whole shard went to one expert: its capacity was every token of the shard.
     shards = mesh[0] * mesh[1] if mesh else 1
@@ -64,23 +86,30 @@ def test_capacity_zero_drops_nothing_and_equals_dropless(mesh):
     assert_tree_close((y1, g1), (y0, g0))
 
 
-@pytest.mark.parametrize("mesh", [None, (1, 8)])
-def test_negative_capacity_drops_like_the_fixed_capacity_it_is_bounded_by(mesh):
+@pytest.mark.parametrize("mesh,layout", [(None, "auto"), ((1, 8), "dense"),
+                                         ((1, 8), "packed")])
+def test_negative_capacity_drops_like_the_fixed_capacity_it_is_bounded_by(mesh, layout,
+                                                                          exchanges):
     """-x with a need above x: the same drops, output and gradients as the
-    fixed capacity factor x; with a need below x, nothing drops."""
+    fixed capacity factor x (dense [E, C] buffers); with a need below x,
+    nothing drops."""
     params, x, ct = _inputs()
     m = make_mesh(data=mesh[0], expert=mesh[1]) if mesh else None
     y_fix, a_fix, g_fix = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=1.5), params, x,
                                    ct, ALL_TO_ONE, m)
+    exchanges.clear()
     y_dyn, a_dyn, g_dyn = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=-1.5,
-                                        capacity_buckets=(1.25,)), params, x, ct, ALL_TO_ONE, m)
+                                        capacity_buckets=(1.25,), capacity_layout=layout),
+                                   params, x, ct, ALL_TO_ONE, m)
+    _took_layout(mesh, layout, exchanges)
     assert float(a_fix.dropped_fraction) > 0.2
     assert float(a_dyn.dropped_fraction) == float(a_fix.dropped_fraction)
     assert float(a_dyn.capacity_factor) == float(a_fix.capacity_factor)
     assert_tree_close((y_dyn, g_dyn), (y_fix, g_fix))
     # A need below the bound: the smallest bucket that holds it, no drops.
     _, a_low, _ = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=-3.0,
-                                capacity_buckets=(1.5,)), params, x, ct, jnp.zeros((E,)), m)
+                                capacity_buckets=(1.5,), capacity_layout=layout),
+                           params, x, ct, jnp.zeros((E,)), m)
     assert float(a_low.dropped_fraction) == 0.0
     # One device (128 tokens) needs the 1.5x bucket; a 16-token shard may need the bound.
     assert float(a_low.capacity_factor) <= 3.0
@@ -126,7 +155,34 @@ def test_a_new_need_never_recompiles():
     (dict(dispatch="capacity", capacity_factor=math.nan), "must be a finite number"),
     (dict(dispatch="capacity", capacity_factor=0.0, capacity_buckets=(2.0, 1.5)),
      "increasing factors > 0"),
+    (dict(dispatch="capacity", capacity_factor=0.0, capacity_layout="ragged"),
+     "capacity_layout"),
+    (dict(dispatch="capacity", capacity_factor=0.0, capacity_layout="packed",
+          overlap_chunks=2), "overlap_chunks=1"),
 ])
 def test_bad_capacity_settings_raise(kw, match):
     with pytest.raises(ValueError, match=match):
         _cfg(**kw)
+
+
+def test_the_planner_prices_the_packed_layout_as_the_dropless_exchange():
+    """The cost model follows `capacity_layout`: packed capacity 0 costs the
+    dropless layer (the same rows move and compute), dense capacity 0 its
+    largest [E, C] buffer; a packed bound reports the drops of that bound."""
+    from jmoe.planner import hardware, layer_cost
+    hw = hardware.get("h100")
+    base = jmoe.MoEConfig(d_model=1024, d_ff=2048, num_experts=16, top_k=2)
+    load = np.array([3.0] + [1.0] * 15)
+    load = (load / load.sum()).tolist()
+
+    def cost(cfg):
+        return layer_cost.moe_layer_cost(cfg, 4096, 8, hw, load_E=load)
+    dropless = cost(base)
+    dense = cost(base.replace(dispatch="capacity", capacity_factor=0.0)
+                 .with_execution(capacity_layout="dense"))
+    packed = cost(base.replace(dispatch="capacity", capacity_factor=0.0))
+    assert packed.time == pytest.approx(dropless.time) and packed.drop_fraction == 0.0
+    assert dense.time > 1.5 * packed.time
+    bounded = cost(base.replace(dispatch="capacity", capacity_factor=-1.25))
+    fixed = cost(base.replace(dispatch="capacity", capacity_factor=1.25))
+    assert bounded.drop_fraction == pytest.approx(fixed.drop_fraction) > 0.05

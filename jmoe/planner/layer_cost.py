@@ -385,12 +385,20 @@ def moe_layer_cost(moe: MoEConfig, tokens: int, ep: int, hw: Hardware, *,
         remat=remat, backend=backend, chunks=chunks,
         core_chunks=chunks if moe.dispatch == "dropless" and ep > 1 else 1)
     ops = _router_ops(g)
-    regions = _capacity_regions if moe.dispatch == "capacity" else _dropless_regions
+    # The packed capacity layout moves and computes the kept rows only: the
+    # dropless exchange's cost, plus what its capacity drops.
+    packed = moe.dispatch == "capacity" and moe.packed_capacity and ep > 1
+    regions = _capacity_regions if moe.dispatch == "capacity" and not packed else _dropless_regions
     region_ops, exchange, detail = regions(g)
     ops += region_ops
     drop, saved = 0.0, 0.0
     if exchange is not None:
         drop = exchange.drop
+        if packed:
+            cap = moe.capacity(tokens)
+            drop = 1.0 - (1.0 - drop) * (1.0 - capacity_drop_fraction(
+                g.load_E, tokens * moe.top_k, cap))
+            detail["capacity"] = cap
         detail.update(drop_fraction=drop, a2a_bytes=exchange.a2a_bytes)
         exchange_ops, saved, exchange_detail = _pipelined(g, exchange)
         ops += exchange_ops

@@ -87,7 +87,10 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
             regroup = shadow_regroup(cfg, w, ep, tp, names, tok, placement)
         return moe_core(
             x, xr, w_DE, cfg, bias,
-            capacity_experts=functools.partial(capacity_exchange, w=w, cfg=cfg, ep=ep, tp=tp),
+            # The packed capacity layout sends only the kept rows, through
+            # the dropless exchange (None: capacity routing on packed rows).
+            capacity_experts=(None if cfg.packed_capacity else
+                              functools.partial(capacity_exchange, w=w, cfg=cfg, ep=ep, tp=tp)),
             dropless_experts=lambda buf, counts: dropless_exchange(
                 buf, counts, w, cfg, ep, tp, names),
             # Rows are sorted per global expert before the exchange; the
