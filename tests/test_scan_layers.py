@@ -218,14 +218,16 @@ def test_router_bias_rows_follow_layer_order():
 
 # ------------------------------------------- XLA memory vs the planner --
 
-def _xla_and_planner(scan):
+def _xla_and_planner(scan, seq_len=64, batch_size=16, **model):
     """The trainer's step on one device at the default width (d=256, 16
-    experts of 256) with 2 layers and a short sequence: (CompileReport,
-    the planner's memory dict)."""
+    experts of 256, group_align 128): (CompileReport, the planner's memory
+    dict). `model`: config.model / config.execution overrides."""
     config = tiny_config(**{"model.d_model": 256, "model.num_heads": 4, "model.d_ff": 256,
                             "model.num_experts": 16, "model.num_layers": 2,
                             "model.group_align": 128, "model.scan_layers": scan,
-                            "data.seq_len": 64, "batch_size": 16})
+                            "data.seq_len": seq_len, "batch_size": batch_size,
+                            **{("execution." if k == "remat" else "model.") + k: v
+                               for k, v in model.items()}})
     gpt = loop.validate_config(config)
     mesh = make_mesh(data=1, expert=1, devices=jax.devices()[:1])
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
@@ -238,40 +240,60 @@ def _xla_and_planner(scan):
                                       step_lib.step_config(config))
         state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              abstract, shard)
-        batch = jax.ShapeDtypeStruct((16, 65), jnp.int32, sharding=bsh)
+        batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=bsh)
         _, report = compile_report.compile_step(train, state, batch)
-    mem = step_cost(gpt, Setting(1, "dropless", 1.25, 1, 0, 0.0, 1, False), seq_len=64,
-                    batch_size=16, devices=1, hw=get_hardware("h100"), backend="cpu").memory
+    mem = step_cost(gpt, Setting(1, "dropless", 1.25, 1, 0, 0.0, 1, False), seq_len=seq_len,
+                    batch_size=batch_size, devices=1, hw=get_hardware("h100"),
+                    backend="cpu").memory
     return report, mem
 
 
-@pytest.mark.slow  # two train steps compile (~25 s on the shared CPU)
-def test_xla_memory_of_scanned_and_unrolled_steps_against_the_planner():
+MEMORY_CASES = {
+    # 1024 tokens of seq 64: the expert buffers (4096 static rows) lead.
+    "2_layers": dict(),
+    # A dense first layer, then 2 periods of (dense, MoE) in one scan of 2
+    # repeats; 128 tokens, so weights lead; remat as XLA:CPU keeps it.
+    "mixed_5_layers_remat": dict(seq_len=32, batch_size=4, num_layers=5, moe_every=2,
+                                 first_dense_layers=1, remat="full"),
+}
+
+
+@pytest.mark.slow  # two train steps compile per case (~15-30 s on the shared CPU)
+@pytest.mark.parametrize("case", list(MEMORY_CASES))
+def test_xla_memory_of_scanned_and_unrolled_steps_against_the_planner(case):
     """XLA's memory analysis (compile_report) against the planner's
-    prediction, scanned and unrolled.
+    prediction, scanned and unrolled: the issue's target, within 20%.
 
     Arguments are the state less its gradients (3 of the planner's 4 copies)
-    plus the batch, scanned or not: stacking moves no bytes. Temporaries are
-    the gradients plus the activations kept for the backward; the planner's
-    activation estimate is low here -- measured (jax 0.10.2, XLA:CPU) XLA
-    keeps 1.78x it (docs/scale.md: about two float32 [B, H, T, T] attention
-    buffers per layer that the planner, written for flash attention, leaves
-    out, and MoE/FFN scratch). The band below is that known miss, not the
-    issue's 20% target; halving the activation estimate gives ~3.5x.
+    plus the batch, scanned or not: stacking moves no bytes. The peak
+    (arguments + new outputs + temporaries) against the planner's total:
+    measured (jax 0.10.2, XLA:CPU) 0.99 unrolled and 0.94 scanned for
+    "2_layers", 1.03 and 1.13 for "mixed_5_layers_remat".
+
+    What scanning adds (`scan_bytes`: one repeat's weights sliced out of the
+    stacks and its gradient) against XLA's scanned less unrolled
+    temporaries is checked where the scan is one MoE layer repeated: 26.0
+    MB against 40.8 measured. It is a rough term: with remat and a (dense,
+    MoE) period ("mixed_5_layers_remat") XLA adds 10 MB to the planner's 31.
     """
-    (rep_u, mem), (rep_s, mem_s) = _xla_and_planner(False), _xla_and_planner(True)
-    assert mem == mem_s  # the planner prices the maths, not the layout
-    batch_bytes = 16 * 65 * 4
+    (rep_u, mem), (rep_s, mem_s) = (_xla_and_planner(False, **MEMORY_CASES[case]),
+                                    _xla_and_planner(True, **MEMORY_CASES[case]))
+    batch = MEMORY_CASES[case].get("batch_size", 16)
+    batch_bytes = batch * (MEMORY_CASES[case].get("seq_len", 64) + 1) * 4
     for rep in (rep_u, rep_s):
         assert rep.argument_bytes == pytest.approx(0.75 * mem["state"] + batch_bytes, abs=256)
         # The new state reuses the donated buffers; only the metrics are new.
         assert 0 <= rep.output_bytes - rep.alias_bytes < 4096
-    grads = mem["state"] / 4
-    ratio = (rep_u.temp_bytes - grads) / mem["activations"]
-    assert 1.0 < ratio < 2.2, ratio
-    # The scan's own cost: weight-sized [R, ...] buffers of the stacked
-    # layers (the backward's stacked gradients, the per-step weight slices it
-    # keeps); measured 1.65 gradient copies here (docs/scale.md). Bounded, so
-    # a scan that kept, say, every layer's activations twice would fail.
+    # The planner prices the layout: the same items, plus the scan's term.
+    scan = mem_s["activation_items"]["scan"]
+    assert mem["activation_items"]["scan"] == 0
+    assert mem_s["total"] - mem["total"] == pytest.approx(scan, rel=1e-9)
+    for rep, m in ((rep_u, mem), (rep_s, mem_s)):
+        assert 0.8 < m["total"] / rep.peak_bytes < 1.2, (m["total"] / rep.peak_bytes,
+                                                         m["activation_items"])
+    # The scan's own term against what XLA adds: loose (XLA's heap packs the
+    # stacked buffers differently at each depth), but neither nothing nor
+    # twice it (1.28).
     extra = rep_s.temp_bytes - rep_u.temp_bytes
-    assert 0 <= extra < 2 * grads, (rep_s.temp_bytes, rep_u.temp_bytes, grads)
+    if case == "2_layers":
+        assert 0.5 < scan / extra < 1.25, (scan, extra)
