@@ -15,9 +15,10 @@ and the choice is a Python-side dispatch, switching never recompiles.
         if load_moved(metrics):
             switch.retime()                        # time them all again
 
-Timing: a variant's first call compiles and is not timed; the next
-`trials` calls are timed (each waits for its result, so a timing phase
-gives up the overlap of dispatching one call while the last one runs).
+Timing: a variant's first call compiles and is not timed; then the
+variants take turns, `trials` timed calls each (each waits for its result,
+so a timing phase gives up the overlap of dispatching one call while the
+last one runs).
 The plan with the smallest median wins. `retime_every` (calls) re-times on
 a schedule; `retime()` on demand, e.g. when the expert loads shift.
 """
@@ -93,7 +94,9 @@ class PlanSwitch:
         """Starts a timing round at the next call: every variant, `trials`
         timed calls each (plus one untimed first call if it never ran)."""
         self._times = {n: [] for n in self.names}
-        self._queue = [n for n in self.names for _ in range(self.trials)]
+        # Round-robin, not one variant's trials in a block: a drift in the
+        # machine's speed (other jobs, clocks) then hits every variant alike.
+        self._queue = [n for _ in range(self.trials) for n in self.names]
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
