@@ -176,6 +176,13 @@ def test_resume_replays_the_losses_without_reimporting(ref_run, text, tmp_path, 
     # Another checkpoint in the same workdir is refused, naming the field.
     with pytest.raises(loop.ConfigError, match=r"config\.hf\.path=.*qwen3_moe.* gives "):
         loop.run(tiny(text, family="qwen3_moe", total_steps=N + 1), workdir)
+    # So is the GPT-MoE's config.
+    gpt = cli.load_config(os.path.join(ROOT, "configs", "gpt_moe.py"), overrides={
+        "model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2, "model.d_ff": 32,
+        "model.num_experts": 4, "data.source": "text", "data.path": str(text),
+        "data.seq_len": 16, "data.val_percent": 10.0, "batch_size": 8, "mesh.data": 8})
+    with pytest.raises(loop.ConfigError, match="is of an HF fine-tuning run"):
+        loop.run(gpt, workdir)
 
 
 @pytest.mark.slow  # the expert-parallel step compiles for 8 devices (~30-60 s on 2 cores)
@@ -218,6 +225,21 @@ def test_deepseek_selection_bias_is_updated_from_the_logged_loads(text, tmp_path
     np.testing.assert_allclose(out[key], want, rtol=0, atol=1e-7)
     assert not np.array_equal(out[key], src[key])
     assert routing.update_bias  # the rule the docs cite
+
+
+@pytest.mark.slow  # one expert-parallel compile per family (~30-60 s each)
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "gpt_oss"])
+def test_every_family_trains_expert_parallel_and_exports(family, text, tmp_path):
+    workdir = str(tmp_path / family)
+    loop.run(tiny(text, family=family, total_steps=3, eval_every=3,
+                  **{"mesh.data": 2, "mesh.expert": 4}), workdir)
+    losses = [r["loss"] for r in records(workdir)]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    cfg, back = hf.load(os.path.join(workdir, "hf"))
+    assert cfg.model_type == family
+    trained = saved_state(workdir, 3)["params"]
+    np.testing.assert_array_equal(np.asarray(back["embed"]["w_VD"]),
+                                  np.asarray(trained["embed"]["w_VD"]))
 
 
 @pytest.mark.parametrize("override, message", [

@@ -152,6 +152,10 @@ def _resume(mgr, abstract: Any, config, fingerprint: dict, say,
         try:
             if hf is not None:
                 hf.check_same_model(saved)
+            elif "model" not in saved:
+                raise ValueError(
+                    f"the checkpoint in {mgr.directory} is of an HF fine-tuning run "
+                    "(configs/hf_finetune.py, config.hf): use its config, or a new --workdir.")
             else:
                 _check_same_model(saved.model.to_dict(), config)
         except ValueError as e:
