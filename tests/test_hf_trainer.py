@@ -21,7 +21,6 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 import jmoe.hf as hf
-from jmoe import routing
 from jmoe.hf import finetune
 from jmoe.sharding import specs
 from jmoe.train import cli, data, hf_model, loop, step as step_lib
@@ -224,7 +223,6 @@ def test_deepseek_selection_bias_is_updated_from_the_logged_loads(text, tmp_path
     want = src[key] + rate * np.sign(load[0].mean() - load[0])
     np.testing.assert_allclose(out[key], want, rtol=0, atol=1e-7)
     assert not np.array_equal(out[key], src[key])
-    assert routing.update_bias  # the rule the docs cite
 
 
 @pytest.mark.slow  # one expert-parallel compile per family (~30-60 s each)

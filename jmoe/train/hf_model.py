@@ -24,7 +24,7 @@ import dataclasses
 import math
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
