@@ -77,6 +77,26 @@ def test_cached_logits_equal_uncached_at_every_position(name):
     assert (toks != logits.argmax(-1)).any()
 
 
+def test_capacity_model_generates_dropless():
+    """A model trained with capacity dispatch generates without drops: its
+    cached logits equal the uncached forward of the same weights run
+    dropless, while its own uncached forward (capacity factor 0.5) drops."""
+    capacity = tiny(dispatch="capacity", capacity_factor=0.5, min_capacity=1)
+    # The same weights under the default (dropless) config's graph.
+    graphdef, _ = jax.eval_shape(lambda: nnx.split(tiny()))
+    dropless = nnx.merge(graphdef, nnx.state(capacity))
+    assert dropless.blocks[0].ffn.cfg.dispatch == "dropless"
+    n = 3
+    toks, logits = gen.generate(capacity, PROMPTS, max_new_tokens=n, return_logits=True)
+    seqs = [p + toks[b].tolist() for b, p in enumerate(PROMPTS)]
+    full = _full_logits(dropless, seqs)
+    dropping = _full_logits(capacity, seqs)
+    for b, p in enumerate(PROMPTS):
+        ref = full[b, len(p) - 1:len(p) - 1 + n]
+        assert np.max(np.abs(ref - logits[b])) / np.max(np.abs(ref)) < 1e-5, b
+    assert np.max(np.abs(dropping - full)) > 1e-2  # the capacity forward does drop
+
+
 def test_greedy_equals_argmax_of_repeated_full_forwards():
     """temperature=0: each new token is the argmax of the uncached model run
     again on the sequence so far (a fixed [B, T + n] window, position read
