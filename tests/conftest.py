@@ -1,11 +1,28 @@
-"""Every test sees 8 CPU devices; this must run before jax is imported."""
+"""Every test sees 8 CPU devices; this must run before jax is imported.
 
+One persistent XLA compilation cache serves the whole test run: the xdist
+workers and the train.py processes the tests launch. Many tests compile the
+same program again (every `loop.run` of one config, each relaunch of a killed
+run), and compilation is most of their time. A cache hit loads the same
+executable (the compiled HLO is identical, only its debug tables differ), so
+no result changes; the run that created the directory removes it at exit.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The first pytest process (xdist's controller, or the only one under -n 0)
+# makes the directory; the workers it starts, and their subprocesses, inherit
+# the variables. A cache the user set up is used as it is, and kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jmoe-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 from jmoe.runtime.xla_flags import configure_cpu_workarounds  # noqa: E402
 
