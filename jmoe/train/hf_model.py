@@ -175,8 +175,14 @@ class HFModel(step_lib.ModelFamily):
             tmp = out.rstrip("/") + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             hf.save(tmp, params, self.cfg, source=self.path)
-            shutil.rmtree(out, ignore_errors=True)
+            # Never a half-written `out`: a kill leaves whole directories only
+            # (`out`, or `out`.old and the complete `out`.tmp).
+            old = out.rstrip("/") + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.exists(out):
+                os.replace(out, old)
             os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("jmoe_hf_export")
         return out
