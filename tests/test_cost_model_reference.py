@@ -375,8 +375,13 @@ XLA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,kw,data,ep,fsdp,s,b_dev", XLA_CASES,
-                         ids=[c[0] for c in XLA_CASES])
+# The two longer steps: 45 s each on the shared 2-core CPU under load.
+SLOW_XLA_CASES = ("seq256_4_heads_remat_full", "dense_mix_3_layers_padded_dots")
+
+
+@pytest.mark.parametrize("name,kw,data,ep,fsdp,s,b_dev", [
+    pytest.param(*c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW_XLA_CASES else [])
+    for c in XLA_CASES])
 def test_predicted_memory_and_flops_match_xla(name, kw, data, ep, fsdp, s, b_dev):
     devices = data * ep
     base = dict(d_model=128, num_layers=2, num_heads=2, num_kv_heads=0, first_dense_layers=0,
