@@ -23,6 +23,9 @@ Rows (dropless unless said):
   capacity 0      capacity dispatch with `capacity_factor=0` (what each step
                   needs), the config's plan
 
+Every row runs `--repeats` times, the rows taking turns; its step time is
+the median of its runs'.
+
 Columns: step time (median over the logged windows after the first, which
 compiles; for the adaptive run, after its first timing round, which compiles
 every plan and waits on each timed step: that warm-up is printed below the
@@ -91,7 +94,7 @@ def _run(config, workdir: str, counter: dict) -> dict:
 
 
 def main(argv=None):
-    p = harness.parser(__doc__, quick=dict(steps=30))
+    p = harness.parser(__doc__, repeats=1, quick=dict(steps=30))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--plans", type=int, default=3)
     a = p.parse_args(argv)
@@ -124,22 +127,30 @@ def main(argv=None):
         predicted = {}
         shortlist = plans.shortlist(plans.AdaptiveConfig(plans=a.plans), gpt, base, mesh,
                                     predicted=predicted)
-        rows = {}
+        rows, jobs = {}, {}
         for name, g in shortlist.items():
             ex = g.moe.execution
-            cfg = _config(a.steps, **extra, **{"execution.overlap_chunks": ex.overlap_chunks,
-                                               "execution.a2a_hierarchy": ex.a2a_hierarchy})
-            print(f"\n[{routing}] fixed: {name}", flush=True)
-            rows[f"fixed: {name}"] = _run(cfg, os.path.join(tmp, f"{routing}_{len(rows)}"),
-                                          counter)
-        print(f"\n[{routing}] adaptive", flush=True)
-        rows["adaptive"] = _run(_config(a.steps, **extra, **{
-            "adaptive.plans": a.plans, "adaptive.retime_every": 50}),
-            os.path.join(tmp, f"{routing}_adaptive"), counter)
-        print(f"\n[{routing}] capacity 0", flush=True)
-        rows["capacity 0"] = _run(_config(a.steps, **extra, **{
-            "model.dispatch": "capacity", "model.capacity_factor": 0.0}),
-            os.path.join(tmp, f"{routing}_cap0"), counter)
+            jobs[f"fixed: {name}"] = _config(a.steps, **extra, **{
+                "execution.overlap_chunks": ex.overlap_chunks,
+                "execution.a2a_hierarchy": ex.a2a_hierarchy,
+                "execution.ep_buckets": ex.ep_buckets})
+        jobs["adaptive"] = _config(a.steps, **extra, **{
+            "adaptive.plans": a.plans, "adaptive.retime_every": 50})
+        jobs["capacity 0"] = _config(a.steps, **extra, **{
+            "model.dispatch": "capacity", "model.capacity_factor": 0.0})
+        # Rows take turns, `--repeats` rounds: a drift in the machine's
+        # speed then hits every row alike; a row's time is the median of its
+        # runs' steady-state medians.
+        runs = {k: [] for k in jobs}
+        for rep in range(a.repeats):
+            for k, cfg in jobs.items():
+                print(f"\n[{routing}] {k} (run {rep + 1} of {a.repeats})", flush=True)
+                runs[k].append(_run(cfg, os.path.join(tmp, f"{routing}_{len(runs[k])}_"
+                                                      f"{list(jobs).index(k)}"), counter))
+        for k, rs in runs.items():
+            rows[k] = dict(rs[-1], step_s=statistics.median(r["step_s"] for r in rs),
+                           step_s_runs=[r["step_s"] for r in rs],
+                           compiles_after_warmup=max(r["compiles_after_warmup"] for r in rs))
         pick = min(predicted, key=predicted.get)
         results[routing] = {"rows": rows, "plans": list(shortlist), "predicted_s": predicted,
                             "planner_pick": f"fixed: {pick}"}
@@ -155,6 +166,9 @@ def main(argv=None):
               f"{100 * v['dropped']:.2f}%", f"{v['busiest_expert']:.2f}",
               str(v["compiles_after_warmup"]) if k == "adaptive" else "-", f"{v['loss']:.4f}"]
              for k, v in rows.items()])
+        first = f"fixed: {res['plans'][0]}"
+        print(f"- capacity 0 vs the same plan dropless ({first}): "
+              f"{rows['capacity 0']['step_s'] / rows[first]['step_s']:.3f}x")
         for r in rows["adaptive"]["rounds"]:
             print(f"- adaptive timing round ending at step {r['step']}: chose {r['chosen']}")
         w = rows["adaptive"]["warmup_step_s"]
