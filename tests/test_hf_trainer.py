@@ -112,6 +112,7 @@ def test_trains_and_the_first_loss_is_finetune_loss_fn(ref_run, one_device):
     assert sorted(map(int, os.listdir(os.path.join(workdir, "checkpoints")))) == [2, 4, N]
 
 
+@pytest.mark.slow  # needs the module's reference run (~40 s) when run alone
 def test_export_equals_the_trained_params(ref_run):
     workdir, _ = ref_run
     out = os.path.join(workdir, "hf")
