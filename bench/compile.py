@@ -116,7 +116,7 @@ def main(argv=None) -> int:
               flush=True)
         return 0
 
-    rows = []
+    rows, failed = [], []
     for layers in (int(v) for v in a.layers.split(",")):
         for scan in (False, True):
             cmd = [sys.executable, SCRIPT, "--one", f"{layers},{int(scan)}", "--steps",
@@ -125,11 +125,21 @@ def main(argv=None) -> int:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not line:
-                print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
-                return 1
+                # Carry on with the other depths (a 32-layer step needs ~12 GB;
+                # on a shared machine the kernel's OOM killer may take it).
+                print(f"  layers={layers} scan={scan}: failed, exit status {proc.returncode}"
+                      + (" (killed: out of memory?)" if proc.returncode == -9 else ""),
+                      proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr, flush=True)
+                failed.append({"layers": layers, "scan_layers": scan,
+                               "returncode": proc.returncode})
+                continue
             r = json.loads(line[0][len("RESULT "):])
             r["process_s"] = time.perf_counter() - t0
             rows.append(r)
+            # Written after every configuration: a long run keeps what it measured.
+            harness.write_json(a.json, {**harness.machine_info(backend=False),
+                                        "overrides": overrides, "steps": a.steps, "rows": rows,
+                                        "failed": failed})
             print(f"  layers={layers} scan={scan}: compile {r['compile_s']:.1f} s, "
                   f"process {r['process_s']:.0f} s", flush=True)
 
@@ -137,8 +147,8 @@ def main(argv=None) -> int:
     mb = lambda n: f"{n / 2**20:,.0f}"
     table = []
     for r in rows:
-        base = by[(min(by)[0], r["scan_layers"])]
-        unscanned = by[(r["layers"], False)]
+        base = by.get((min(by)[0], r["scan_layers"]), r)
+        unscanned = by.get((r["layers"], False), {"step_s": None})
         table.append([r["layers"], "scan" if r["scan_layers"] else "unrolled",
                       f"{r['lower_s'] + r['compile_s']:.1f}",
                       f"{(r['lower_s'] + r['compile_s']) / (base['lower_s'] + base['compile_s']):.2f}x",
@@ -152,8 +162,8 @@ def main(argv=None) -> int:
          "XLA MB", "XLA temp MB", "planner MB", "planner / XLA", "step (s)", "step / unrolled"],
         table)
     harness.write_json(a.json, {**harness.machine_info(backend=False), "overrides": overrides,
-                                "steps": a.steps, "rows": rows})
-    return 0
+                                "steps": a.steps, "rows": rows, "failed": failed})
+    return 1 if failed else 0
 
 
 def _value(text: str):

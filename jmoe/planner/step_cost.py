@@ -167,9 +167,12 @@ def activation_items(gpt: GPTConfig, *, tokens: int, seq_len: int, expert_rows: 
                      rotated k and v [T, J*K].
       scores         per layer, `attention="xla"` (what jmoe.model calls:
                      jax.nn.dot_product_attention's XLA path, on every
-                     backend in jax 0.10): three float32 [B, H, S, S] buffers
-                     (masked logits, their exp, the probabilities), whatever
-                     the compute dtype; `"flash"`: the float32 [B, H, S]
+                     backend in jax 0.10): two float32 [B, H, S, S] buffers
+                     (the exp of the masked logits, the probabilities),
+                     whatever the compute dtype -- three without the CPU
+                     flag jmoe sets (`--xla_cpu_experimental_ynn_fusion_type=
+                     individual_dot`, jmoe.runtime.xla_flags), which keeps
+                     the masked logits too; `"flash"`: the float32 [B, H, S]
                      log-sum-exp.
       moe            per MoE layer: the FFN norm, the layer's input and
                      output [T, D], the un-permuted [T, K, D] rows, three
@@ -204,7 +207,7 @@ def activation_items(gpt: GPTConfig, *, tokens: int, seq_len: int, expert_rows: 
     n_moe = len(gpt.moe_layers) if (gpt.moe is not None and not gpt.dense) else 0
     n_dense = gpt.num_layers - n_moe
     attn = t * b * (3 * d + 3 * h * k + 2 * j * k)
-    scores = 3 * t * h * s * 4 if attention == "xla" else t * h * 4
+    scores = 2 * t * h * s * 4 if attention == "xla" else t * h * 4
     moe_tok = moe_rows = shared = dots_moe = 0.0
     if n_moe:
         m = gpt.moe
