@@ -408,10 +408,12 @@ def test_predicted_memory_and_flops_match_xla(name, kw, data, ep, fsdp, s, b_dev
     # The whole step (issue 17's target: within 20%): XLA's peak is the
     # arguments, the outputs that do not reuse a donated buffer, and the
     # temporaries (gradients, what the backward keeps, scratch). Measured
-    # (jax 0.10.2, XLA:CPU): 1.06 (ep2_fp32), 0.95 (fsdp2_ep2_bf16: FSDP
-    # gathers the bf16 weights whole and casts them to fp32 copies),
-    # 1.01 (seq256_4_heads_remat_full), 0.90 (dense_mix_3_layers_padded_dots).
-    # Tried: flash attention's memory (no scores) gives 0.77 at seq 256;
+    # (jax 0.10.2, XLA:CPU with jmoe's CPU flags): 1.10 (ep2_fp32), 0.99
+    # (fsdp2_ep2_bf16: FSDP gathers the bf16 weights whole and casts them to
+    # fp32 copies), 1.03 (seq256_4_heads_remat_full), 0.90
+    # (dense_mix_3_layers_padded_dots); the activations alone 1.18, 0.99,
+    # 1.04, 0.85. Tried (with three score buffers a layer, as counted then):
+    # flash attention's memory (no scores) gives 0.78 at seq 256;
     # expert buffers of the average real rows (T*K + E*(align-1)/2) instead
     # of the static ones 0.64 in the padded case; remat's saving taken as
     # kept (as on a GPU) 0.74 at seq 256.

@@ -267,13 +267,14 @@ def test_xla_memory_of_scanned_and_unrolled_steps_against_the_planner(case):
     Arguments are the state less its gradients (3 of the planner's 4 copies)
     plus the batch, scanned or not: stacking moves no bytes. The peak
     (arguments + new outputs + temporaries) against the planner's total:
-    measured (jax 0.10.2, XLA:CPU) 0.99 unrolled and 0.94 scanned for
-    "2_layers", 1.03 and 1.13 for "mixed_5_layers_remat".
+    measured (jax 0.10.2, XLA:CPU with jmoe's CPU flags) 1.02 unrolled and
+    0.95 scanned for "2_layers", 1.03 and 1.13 for "mixed_5_layers_remat"
+    (the latter before the planner counted two score buffers, not three).
 
     What scanning adds (`scan_bytes`: one repeat's weights sliced out of the
     stacks and its gradient) against XLA's scanned less unrolled
     temporaries is checked where the scan is one MoE layer repeated: 26.0
-    MB against 40.8 measured. It is a rough term: with remat and a (dense,
+    MB against 43.7 measured. It is a rough term: with remat and a (dense,
     MoE) period ("mixed_5_layers_remat") XLA adds 10 MB to the planner's 31.
     """
     (rep_u, mem), (rep_s, mem_s) = (_xla_and_planner(False, **MEMORY_CASES[case]),
