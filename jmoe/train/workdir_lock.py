@@ -19,9 +19,10 @@ A second launch finds the file and decides:
   * left by a dead run (same host, the pid gone or recycled; or another
     host and not refreshed for `STALE_AFTER_S`): take it over, and say so.
 
-Taking over renames the old file to a private name and checks that it is
-still the one judged stale, so two launches that both find a stale lock
-cannot both win.
+Taking over removes the old file only while it is still the one judged
+stale, under a short-lived takeover mutex (`_remove_if_same`); then every
+launch races for a new lock with O_EXCL, so two launches that both find a
+stale lock cannot both win.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ LOCK_NAME = "jmoe.lock"
 # file's mtime), so clock skew between hosts does not count.
 REFRESH_S = 30.0
 STALE_AFTER_S = 300.0
+# A takeover mutex lives for milliseconds; one this old was left by a launch
+# that died while taking over.
+TAKEOVER_STALE_S = 30.0
+TRIES = 20  # looks at the lock before giving up on a workdir others keep taking
 
 _held: dict[str, "Lock"] = {}  # path -> lock held by this process (released at exit)
 
@@ -165,6 +170,45 @@ def _stale_reason(path: str, holder: Optional[dict], workdir: str,
     return None
 
 
+def _remove_if_same(path: str, old: Optional[dict], workdir: str) -> bool:
+    """Removes the lock file if it still holds `old` (the holder judged gone);
+    True if this call removed it.
+
+    Under a takeover mutex (`jmoe.lock.takeover`, O_EXCL): while the stale
+    lock exists no launch can create a new one, and only the mutex holder
+    may remove it, so between reading it and removing it nothing can take
+    its place; one launch removes it, and all then race for a new one with
+    O_EXCL, which exactly one wins. (Moving the file aside to compare it
+    left a moment with no lock file, in which a third launch could create
+    one and a second winner put it back over.) A mutex left by a launch
+    that died inside this function is cleared after TAKEOVER_STALE_S."""
+    mutex = path + ".takeover"
+    if not _create(mutex, {"host": socket.gethostname(), "pid": os.getpid()}):
+        try:
+            age = _fs_now(workdir) - os.stat(mutex).st_mtime
+        except FileNotFoundError:
+            return False
+        if age > TAKEOVER_STALE_S:
+            try:
+                os.remove(mutex)
+            except FileNotFoundError:
+                pass
+        return False
+    try:
+        try:
+            current = _read(path)
+        except FileNotFoundError:
+            return False  # removed by its holder meanwhile
+        except (OSError, ValueError):
+            current = None
+        if current != old:
+            return False  # not the lock judged stale: a new holder's
+        os.remove(path)
+        return True
+    finally:
+        os.remove(mutex)
+
+
 def acquire(workdir: str, *, takeover: bool = False, coordinator: Optional[str] = None,
             num_processes: int = 1, log=print, refresh_s: float = REFRESH_S,
             stale_after_s: float = STALE_AFTER_S) -> Lock:
@@ -175,7 +219,7 @@ def acquire(workdir: str, *, takeover: bool = False, coordinator: Optional[str] 
               "job_id": os.environ.get("SLURM_JOB_ID"), "coordinator": coordinator,
               "num_processes": num_processes,
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    for _ in range(5):  # a lost race with another launch: look again
+    for _ in range(TRIES):  # a lost race with another launch: look again
         if _create(path, holder):
             lock = Lock(path, holder, refresh_s)
             _held[path] = lock
@@ -196,28 +240,14 @@ def acquire(workdir: str, *, takeover: bool = False, coordinator: Optional[str] 
                 "--workdir, or, once that run is known to be dead (e.g. its SLURM job is "
                 "gone from squeue), rerun with --config.takeover_lock=true or delete the "
                 "lock file.")
-        # Take over: move the stale file aside, and go on only if what moved
-        # is the lock judged stale (not one a concurrent launch just made).
-        aside = f"{path}.stale.{socket.gethostname()}.{os.getpid()}"
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            continue
-        try:
-            moved = _read(aside)
-        except (OSError, ValueError):
-            moved = None
-        if moved != old:
-            try:
-                os.link(aside, path)  # put the newer lock back, never over another
-            except OSError:
-                pass
-            os.remove(aside)
-            continue
-        os.remove(aside)
-        log(f"workdir lock: taking over {path} from "
-            f"{describe(old) if old else 'an unreadable lock'} ({why}).")
-    raise WorkdirBusy(f"workdir {workdir}: could not take the lock {path} after 5 tries "
+        # Take over: remove the stale file, but only while it is still the
+        # one judged stale, and then race for a fresh one like any launch.
+        if _remove_if_same(path, old, workdir):
+            log(f"workdir lock: taking over {path} from "
+                f"{describe(old) if old else 'an unreadable lock'} ({why}).")
+        else:
+            time.sleep(0.05)  # another launch is taking it over: let it finish
+    raise WorkdirBusy(f"workdir {workdir}: could not take the lock {path} after {TRIES} tries "
                       "(other launches keep taking it): start one run per workdir.")
 
 
