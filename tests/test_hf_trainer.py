@@ -146,6 +146,26 @@ def test_export_equals_the_trained_params(ref_run):
     assert not {"hf.tmp", "hf.old"} & set(os.listdir(workdir))
 
 
+def test_sample_on_the_run_dir_samples_its_export(ref_run, capsys, monkeypatch):
+    """`python -m jmoe.sample RUN` on an HF fine-tuning run: the same greedy
+    text as sampling its export directory; --step and a missing export are
+    refused with their messages."""
+    from jmoe.train import sample
+    workdir, _ = ref_run
+    argv = ["--prompt", "the", "--length", "6", "--temperature", "0"]
+    assert sample.main([os.path.join(workdir, "hf")] + argv) == 0
+    want = capsys.readouterr().out
+    assert sample.main([workdir] + argv) == 0
+    got = capsys.readouterr()
+    assert got.out == want and want.strip()
+    assert "sampling its export" in got.err
+    assert sample.main([workdir, "--step", str(N)] + argv) == 1
+    assert "--step picks a checkpoint of a GPT-MoE run" in capsys.readouterr().err
+    monkeypatch.setattr(hf_model, "export_dir", lambda config, w: os.path.join(w, "nowhere"))
+    assert sample.main([workdir] + argv) == 1
+    assert "without an export yet" in capsys.readouterr().err
+
+
 def _same_path(a, b):
     norm = lambda p: [str(getattr(k, "key", getattr(k, "idx", k))) for k in p]
     return norm(a) == norm(b)

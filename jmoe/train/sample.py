@@ -11,10 +11,13 @@ run's training window `config.data.seq_len`: longer requests stop there, with
 a note on stderr. `--top_p` adds nucleus sampling; `--temperature 0` is greedy.
 
 Given a Hugging Face directory instead (config.json + safetensors +
-tokenizer.json; Mixtral, Qwen2-MoE, Qwen3-MoE), it imports it with `jmoe.hf`
+tokenizer.json; any family `jmoe.hf` imports), it imports it with `jmoe.hf`
 and samples with a KV cache (prefill, then one token per step):
 
   python -m jmoe.sample path/to/hf_dir --prompt "Hello" --length 64 --top_p 0.9
+
+The workdir of a Hugging Face fine-tuning run (configs/hf_finetune.py)
+samples that run's HF export (`<workdir>/hf` unless `config.hf.export_dir`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jmoe import generate as generate_lib, hf, model as model_lib, model_config
-from jmoe.train import checkpoint, step as step_lib
+from jmoe.train import checkpoint, hf_model, step as step_lib
 
 
 def load(workdir: str, step: Optional[int] = None):
@@ -87,6 +90,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     logging.set_verbosity(logging.ERROR)  # Orbax notes that a read-only manager is read-only
     try:
+        _, saved = checkpoint.restore_config(args.workdir, args.step)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if hf_model.is_hf(saved):
+        return _sample_hf_run(args, saved)
+    try:
         model, config, step = load(args.workdir, args.step)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -123,6 +133,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         print(",".join(map(str, toks)))
     return 0
+
+
+def _sample_hf_run(args, config) -> int:
+    """`main` for the workdir of a Hugging Face fine-tuning run
+    (configs/hf_finetune.py): samples its HF export, which the trainer
+    writes at the end of the run and every `config.hf.export_every` steps."""
+    export = hf_model.export_dir(config, args.workdir)
+    if args.step is not None:
+        print("error: --step picks a checkpoint of a GPT-MoE run; a Hugging Face fine-tuning "
+              f"run samples its export ({export}).", file=sys.stderr)
+        return 1
+    if not os.path.exists(os.path.join(export, "config.json")):
+        print(f"error: {args.workdir} is a Hugging Face fine-tuning run without an export yet "
+              f"({export}): the trainer writes it when the run ends and every "
+              "config.hf.export_every steps.", file=sys.stderr)
+        return 1
+    print(f"# {args.workdir}: a Hugging Face fine-tuning run; sampling its export {export}",
+          file=sys.stderr)
+    return sample_hf(argparse.Namespace(**{**vars(args), "workdir": export}))
 
 
 def sample_hf(args) -> int:
