@@ -219,7 +219,7 @@ def shares_from_slot_loads(slots_PS: np.ndarray, x_PS: np.ndarray, load: np.ndar
 
 
 def flatten_slot_peak(flat_slots: np.ndarray, x: np.ndarray, load: np.ndarray, ep: int,
-                      spd: int, steps: int = 30) -> np.ndarray:
+                      spd: int, steps: int = 40) -> np.ndarray:
     """The split of the same slots with the same device loads as `x` (float64
     [P*S] slot loads) whose busiest SLOT is as light as possible: a replicated
     expert's rows spread over its replicas instead of piling on one.
@@ -265,7 +265,7 @@ def flatten_slot_peak(flat_slots: np.ndarray, x: np.ndarray, load: np.ndarray, e
 
     best = x
     for _ in range(steps):
-        if high - low <= 1e-4 * scale:
+        if high - low <= 1e-6 * scale:  # below what integer shares resolve
             break
         mid = (low + high) / 2
         got = split(mid)

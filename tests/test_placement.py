@@ -300,6 +300,10 @@ def _lp_slot_peak(slots_PS: np.ndarray, load: np.ndarray, dev_P: np.ndarray) -> 
     """The lightest busiest slot of any split keeping each device at most
     `dev_P`: a linear program (scipy), independent of the max-flow."""
     from scipy.optimize import linprog
+    # The LP is solved in units of the largest load: the solver's absolute
+    # feasibility tolerance (~1e-7) would otherwise swamp tiny loads.
+    scale = float(load.max(initial=0.0)) or 1.0
+    load, dev_P = load / scale, dev_P / scale
     ep, spd = slots_PS.shape
     n = ep * spd
     flat = slots_PS.reshape(-1)
@@ -315,8 +319,8 @@ def _lp_slot_peak(slots_PS: np.ndarray, load: np.ndarray, dev_P: np.ndarray) -> 
     for k, e in enumerate(experts):
         a_eq[k, :n] = flat == e
     res = linprog(c, a_ub, b_ub, a_eq, load[experts], bounds=(0, None), method="highs")
-    assert res.status == 0
-    return float(res.x[-1])
+    assert res.status == 0, res.message
+    return float(res.x[-1]) * scale
 
 
 @settings(max_examples=150, deadline=None)

@@ -35,9 +35,20 @@ from jmoe import generate as generate_lib, hf, model as model_lib, model_config
 from jmoe.train import checkpoint, hf_model, step as step_lib
 
 
+class HFRun(Exception):
+    """The run directory is a Hugging Face fine-tuning run (not a GPT-MoE's)."""
+
+    def __init__(self, config):
+        super().__init__("a Hugging Face fine-tuning run")
+        self.config = config
+
+
 def load(workdir: str, step: Optional[int] = None):
-    """(GPT with restored weights, config, step) from a run directory."""
+    """(GPT with restored weights, config, step) from a run directory; raises
+    `HFRun` for a Hugging Face fine-tuning run (sample its export instead)."""
     step, config = checkpoint.restore_config(workdir, step)
+    if hf_model.is_hf(config):
+        raise HFRun(config)
     gpt = model_config.from_config(config.model, config.get("execution"))
     tx = step_lib.make_optimizer(config.opt, config.total_steps)
     abstract = jax.eval_shape(step_lib.make_init(gpt, tx, config.seed))
@@ -90,14 +101,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     logging.set_verbosity(logging.ERROR)  # Orbax notes that a read-only manager is read-only
     try:
-        _, saved = checkpoint.restore_config(args.workdir, args.step)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if hf_model.is_hf(saved):
-        return _sample_hf_run(args, saved)
-    try:
         model, config, step = load(args.workdir, args.step)
+    except HFRun as run:
+        return _sample_hf_run(args, run.config)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
