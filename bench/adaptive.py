@@ -96,7 +96,7 @@ def _run(config, workdir: str, counter: dict) -> dict:
 def main(argv=None):
     p = harness.parser(__doc__, repeats=1, quick=dict(steps=30))
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--plans", type=int, default=3)
+    p.add_argument("--plans", type=int, default=4)
     a = p.parse_args(argv)
     # Train steps compiled after the adaptive run's first timing round.
     counter = {"warm": False, "after": 0, "in_train": False}
@@ -133,7 +133,8 @@ def main(argv=None):
             jobs[f"fixed: {name}"] = _config(a.steps, **extra, **{
                 "execution.overlap_chunks": ex.overlap_chunks,
                 "execution.a2a_hierarchy": ex.a2a_hierarchy,
-                "execution.ep_buckets": ex.ep_buckets})
+                "execution.ep_buckets": ex.ep_buckets,
+                "execution.shadow_experts": ex.shadow_experts})
         jobs["adaptive"] = _config(a.steps, **extra, **{
             "adaptive.plans": a.plans, "adaptive.retime_every": 50})
         jobs["capacity 0"] = _config(a.steps, **extra, **{

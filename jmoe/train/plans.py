@@ -92,9 +92,15 @@ def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = 
     # config's plan with the other set.
     buckets = (m.dispatch == "dropless" and current.ep > 1 and ac.plans > 2
                and m.execution.ragged(jax.default_backend()) == "dense")
+    # Shadow experts (FasterMoE) share the layout and the maths too: with a
+    # plan to spare, one slot goes to the config's plan with the step's
+    # hottest expert shadowed. The planner cannot price that before it has
+    # loads, so its prediction is the config plan's; the timing decides.
+    shadow = (m.dispatch == "dropless" and current.ep > 1 and not m.execution.shadow_experts
+              and ac.plans > 2 + buckets)
     settings = search.execution_shortlist(
         gpt, devices=devices, hw=hw, batch_size=batch, seq_len=seq, current=current,
-        n=ac.plans - buckets, backend=backend)
+        n=ac.plans - buckets - shadow, backend=backend)
     out = {plan_name(s): dataclasses.replace(gpt, moe=m.with_execution(
         overlap_chunks=s.overlap_chunks, a2a_hierarchy=s.a2a_hierarchy)) for s, _ in settings}
     times = {plan_name(s): t for s, t in settings}
@@ -104,6 +110,10 @@ def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = 
         out[name] = dataclasses.replace(gpt, moe=m.with_execution(ep_buckets=other))
         times[name] = step_cost(out[name], current, seq_len=seq, batch_size=batch,
                                 devices=devices, hw=hw, backend=backend).time
+    if shadow:
+        name = f"{plan_name(current)} shadow=1"
+        out[name] = dataclasses.replace(gpt, moe=m.with_execution(shadow_experts=1))
+        times[name] = times[plan_name(current)]
     if predicted is not None:
         predicted.update(times)
     return out
