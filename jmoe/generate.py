@@ -46,10 +46,9 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jmoe.hf.generation import pad_prompts, sample_logits
+from jmoe.hf.generation import decode_loop, pad_prompts, sample_logits
 from jmoe.model import GPT, Block, rope
 from jmoe.moe import moe_apply, selection_bias
 
@@ -225,20 +224,9 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     key = jax.random.key(seed)
     logits_BV, cache = prefill(graphdef, state, jnp.asarray(ids_BT), jnp.asarray(lengths_B),
                                max_len)
-    pos_B = jnp.asarray(lengths_B)
-    toks, logits = [], []
-    for i in range(max_new_tokens):
-        if return_logits:
-            logits.append(logits_BV)
-        step_key = jax.random.fold_in(key, i)
-        if i + 1 < max_new_tokens:
-            tok_B, logits_BV, cache = _sample_and_decode(graphdef, state, logits_BV, pos_B + i,
-                                                         cache, step_key, temperature, top_k,
-                                                         top_p)
-        else:
-            tok_B = _sample(logits_BV, step_key, temperature, top_k, top_p)
-        toks.append(tok_B)
-    out = np.stack([np.asarray(t) for t in toks], axis=1)
-    if return_logits:
-        return out, np.stack([np.asarray(l) for l in logits], axis=1)
-    return out
+    return decode_loop(
+        logits_BV, cache, jnp.asarray(lengths_B), max_new_tokens, key,
+        step=lambda logits_BV, pos_B, cache, k: _sample_and_decode(
+            graphdef, state, logits_BV, pos_B, cache, k, temperature, top_k, top_p),
+        sample=lambda logits_BV, k: _sample(logits_BV, k, temperature, top_k, top_p),
+        return_logits=return_logits)

@@ -101,17 +101,33 @@ def generate(params, cfg: HFConfig, prompts: Sequence[Sequence[int]], *, max_new
                          f"max_position_embeddings={cfg.max_positions}: generate fewer tokens.")
     key = jax.random.key(seed)
     logits_BV, cache = prefill(params, jnp.asarray(ids_BT), jnp.asarray(lengths_B), cfg, max_len)
-    pos_B = jnp.asarray(lengths_B)
+    return decode_loop(
+        logits_BV, cache, jnp.asarray(lengths_B), max_new_tokens, key,
+        step=lambda logits_BV, pos_B, cache, k: _sample_and_decode(
+            params, logits_BV, pos_B, cache, k, cfg, temperature, top_k, top_p),
+        sample=lambda logits_BV, k: _sample(logits_BV, k, temperature, top_k, top_p),
+        return_logits=return_logits)
+
+
+def decode_loop(logits_BV, cache, pos_B, max_new_tokens: int, key, *, step, sample,
+                return_logits: bool = False):
+    """The token loop after a prefill (here and in `jmoe.generate`): token i
+    is sampled from `logits_BV` with key `fold_in(key, i)`, fused with the
+    decode step that gives the next logits, except the last (sampled alone).
+
+      step(logits_BV, pos_B, cache, key) -> (tok_B, next logits_BV, cache)
+      sample(logits_BV, key) -> tok_B
+    Returns int32 [B, max_new_tokens] (and the float32 [B, N, V] logits each
+    token was chosen from, with `return_logits`)."""
     toks, logits = [], []
     for i in range(max_new_tokens):
         if return_logits:
             logits.append(logits_BV)
         step_key = jax.random.fold_in(key, i)
         if i + 1 < max_new_tokens:
-            tok_B, logits_BV, cache = _sample_and_decode(params, logits_BV, pos_B + i, cache,
-                                                         step_key, cfg, temperature, top_k, top_p)
+            tok_B, logits_BV, cache = step(logits_BV, pos_B + i, cache, step_key)
         else:
-            tok_B = _sample(logits_BV, step_key, temperature, top_k, top_p)
+            tok_B = sample(logits_BV, step_key)
         toks.append(tok_B)
     out = np.stack([np.asarray(t) for t in toks], axis=1)
     if return_logits:

@@ -8,6 +8,7 @@ run. The batch holds `seq_len + 1` tokens per row (inputs and targets).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from typing import Callable, Optional
@@ -31,18 +32,18 @@ class TrainState:
     buffers: nnx.State  # every other variable, e.g. the routers' RouterBias
 
 
-class ModelFamily:
+class ModelFamily(abc.ABC):
     """A model other than the GPT-MoE that the steps can train (the trainer's
     model seam; jmoe.train.hf_model.HFModel). Passed where the GPT's
     `nnx.GraphDef` goes; the params and buffers are its own pytrees."""
 
+    @abc.abstractmethod
     def apply(self, params, buffers, inputs_BT, *, train, rng, placement):
         """-> (float32 logits [B, T, V], MoEAux with a leading [layers] axis, or None)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update_router_biases(self, params, buffers, aux, rate: float):
         """-> buffers after one aux-loss-free bias update (StepConfig.update_router_bias)."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ stale lock cannot both win.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import socket
@@ -189,10 +190,8 @@ def _remove_if_same(path: str, old: Optional[dict], workdir: str) -> bool:
         except FileNotFoundError:
             return False
         if age > TAKEOVER_STALE_S:
-            try:
+            with contextlib.suppress(FileNotFoundError):  # another launch cleared it
                 os.remove(mutex)
-            except FileNotFoundError:
-                pass
         return False
     try:
         try:
