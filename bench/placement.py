@@ -57,6 +57,9 @@ Columns:
   dropped, cf 1.0 / 1.25  `aux.dropped_fraction` of the capacity layer (each
                           slot holds one expert's capacity ceil(cf*T*K/E)
                           per token shard, so replicas add capacity)
+  dropped, cf 1.25 batch  the same with `capacity_scope='batch'`: the
+                          capacity counts over the whole batch, as on one
+                          device (no per-shard overflow)
   exchange rows / min     dropless rows a device sends to other devices
                           (the ragged all-to-all of GPUs), mean over devices,
                           against the analytic minimum T_local*K*(ep-1)/ep of
@@ -228,9 +231,9 @@ def fwd_bwd_fns(cfg, mesh) -> dict:
     return fns
 
 
-def capacity_fns(cfg, mesh, cf: float) -> dict:
+def capacity_fns(cfg, mesh, cf: float, scope: str = "shard") -> dict:
     """{layout: jit(x, params, bias[, arrays]) -> (dropped_fraction, expert_load)}."""
-    cap = cfg.replace(dispatch="capacity", capacity_factor=cf)
+    cap = cfg.replace(dispatch="capacity", capacity_factor=cf, capacity_scope=scope)
 
     def stats(aux):
         return aux.dropped_fraction, aux.expert_load
@@ -276,13 +279,14 @@ def run_experts(a, num_experts: int, mesh) -> dict:
             return sharded
         return {"router": sharded["router"],
                 "slots": jax.device_put(to_slots(params["experts"], place), expert_sharding)}
-    caps = {cf: capacity_fns(cfg, mesh, cf) for cf in a.cfs}
+    caps = {f"{cf:g}": capacity_fns(cfg, mesh, cf) for cf in a.cfs}
+    caps.update({f"{cf:g} batch": capacity_fns(cfg, mesh, cf, "batch") for cf in a.batch_cfs})
     layer = fwd_bwd_fns(cfg, mesh)
     timed, results, places = {}, {}, {}
     for name, (bias, achieved) in routings.items():
         bias = jax.device_put(jnp.asarray(bias, jnp.float32), rep)
         # The measured loads: the static layer's aux.expert_load on this batch.
-        _, load_frac = caps[a.cfs[0]]["static"](x, sharded, bias)
+        _, load_frac = caps[f"{a.cfs[0]:g}"]["static"](x, sharded, bias)
         load_E = np.asarray(load_frac, np.float64) * num_a
         r = routing.route(routing.router_logits(x_TD, params["router"]["w_DE"]), cfg, bias)
         experts_TK = np.asarray(r.experts_TK)
@@ -302,11 +306,11 @@ def run_experts(a, num_experts: int, mesh) -> dict:
             extra = () if arrays is None else (arrays,)
             p_layout = layer_params(layout, place)
             if layout in SHADOWS:
-                dropped = {f"{cf:g}": float("nan") for cf in a.cfs}
+                dropped = {key: float("nan") for key in caps}
                 ex = exchange_shadowed(cfg, experts_TK, SHADOWS[layout])
             else:
-                dropped = {f"{cf:g}": float(caps[cf][layout](x, p_layout, bias, *extra)[0])
-                           for cf in a.cfs}
+                dropped = {key: float(fns[layout](x, p_layout, bias, *extra)[0])
+                           for key, fns in caps.items()}
                 ex = exchange(cfg, experts_TK, place)
             rows[layout] = {
                 "slots_per_device": slots[layout], "redundant": int((place.share_PS > 0).sum()) - num_experts,
@@ -357,7 +361,8 @@ def run_experts(a, num_experts: int, mesh) -> dict:
     for name, res in results.items():
         print(f"\nE={num_experts}, routing {name}: busiest expert / mean "
               f"{res['measured_busiest_expert']:.2f} (measured)")
-        print_table(res["rows"], a.cfs)
+        print_table(res["rows"], [f"{cf:g}" for cf in a.cfs]
+                    + [f"{cf:g} batch" for cf in a.batch_cfs])
     return {"E": num_experts, "routings": results, "move": move_row}
 
 
@@ -423,15 +428,15 @@ def recorded_section(path: str) -> dict:
     return {"source": path, "replay": rows, "predictions": preds}
 
 
-def print_table(rows: dict, cfs) -> None:
+def print_table(rows: dict, keys) -> None:
     header = (["layout", "busiest device / mean"]
-              + [f"dropped, cf {cf:g}" for cf in cfs]
+              + [f"dropped, cf {key}" for key in keys]
               + ["exchange rows / min", "CPU bucket", "fwd+bwd vs balanced static"])
     body = []
     for layout, r in rows.items():
         body.append([f"{layout} (S={r['slots_per_device']})", f"{r['busiest_device']:.2f}"]
-                    + [f"{100 * r['dropped'][f'{cf:g}']:.1f}%"
-                       if np.isfinite(r["dropped"][f"{cf:g}"]) else "n/a" for cf in cfs]
+                    + [f"{100 * r['dropped'][key]:.1f}%"
+                       if np.isfinite(r["dropped"][key]) else "n/a" for key in keys]
                     + [f"{r['ragged_vs_min']:.2f}x", r["cpu_bucket"],
                        f"{r['vs_balanced_static']:.2f}x"])
     harness.print_markdown(header, body)
@@ -449,6 +454,9 @@ def main(argv=None):
                    help="busiest expert / mean of the skewed routings")
     p.add_argument("--cfs", type=float, nargs="+", default=[1.0, 1.25],
                    help="capacity factors of the dropped-fraction columns")
+    p.add_argument("--batch_cfs", type=float, nargs="+", default=[1.25],
+                   help="capacity factors of the dropped-fraction columns with a batch-wide "
+                        "capacity (capacity_scope='batch'; [] = none)")
     p.add_argument("--move", action=argparse.BooleanOptionalAction, default=True,
                    help="time one move of weights and moments between two placements")
     p.add_argument("--recorded", default=os.path.join(

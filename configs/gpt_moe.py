@@ -80,6 +80,7 @@ def _model(**kw) -> ml_collections.ConfigDict:
         capacity_factor=1.25,
         min_capacity=4,
         drop_policy="position",
+        capacity_scope="shard",  # capacity per token shard (GShard) | batch (as on one device)
         group_align=128,
         num_shared_experts=0,
         shared_d_ff=0,

@@ -14,6 +14,7 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu", "swiglu_clamped")
 # "swiglu_clamped" is GPT-OSS's: (clip(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
 GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
 DROP_POLICIES = ("position", "probability")
+CAPACITY_SCOPES = ("shard", "batch")
 GMM_BACKENDS = ("auto", "xla", "pallas")
 RAGGED_IMPLS = ("auto", "native", "dense")
 CAPACITY_LAYOUTS = ("auto", "dense", "packed")
@@ -134,8 +135,9 @@ class Execution:
         `ep_buckets` size the buffers), so a capacity costs what its kept
         rows cost and a dynamic capacity (which only bounds what drops)
         never pays for padding. The same rows are kept either way. `auto`:
-        packed for a dynamic capacity (`capacity_factor <= 0`) without
-        overlap chunks, dense otherwise. One device always packs.
+        packed for a dynamic capacity (`capacity_factor <= 0`) or a
+        batch-wide one (`MoEConfig.capacity_scope='batch'`) without overlap
+        chunks, dense otherwise. One device always packs.
       shadow_experts: FasterMoE's shadow experts on the expert-parallel
         dropless path: each step, the `s` experts with the most assignments on
         the whole mesh are computed on every device for that device's own
@@ -243,6 +245,18 @@ class MoEConfig:
       drop_policy: which assignments lose when an expert overflows:
         `position` (top-1 choices first, then earlier tokens, as in GShard) or
         `probability` (higher routing weight first, batch-prioritised routing).
+      capacity_scope: what a capacity C counts over when tokens are sharded
+        (expert parallelism). `shard`: each token shard has C per expert for
+        its own T_local tokens (GShard's groups), so a shard whose share of an
+        expert runs over C drops rows even when the expert as a whole has
+        room. `batch`: C = ceil(capacity_factor * T * K / E) over all T tokens
+        of the call, ranked in the one-device order (top-1 choices first,
+        then token order across shards), so the layer drops exactly what it
+        drops on one device; each shard learns the earlier shards' counts
+        from one small all-gather. Needs `drop_policy='position'` and a fixed
+        capacity_factor > 0; runs the packed capacity layout unless
+        `execution.capacity_layout='dense'` (whose buffers then hold C rows
+        per expert from every shard). One device: both are the same.
       group_align: the dropless path pads every expert's rows to a multiple of
         this, so grouped-matmul tiles never straddle two experts.
 
@@ -273,6 +287,7 @@ class MoEConfig:
     capacity_factor: float = 1.25
     min_capacity: int = 4
     drop_policy: str = "position"
+    capacity_scope: str = "shard"
     group_align: int = 128
     num_shared_experts: int = 0
     shared_d_ff: int = 0
@@ -305,6 +320,23 @@ class MoEConfig:
             _fail("activation", self.activation, f"choose one of {ACTIVATIONS}.")
         if self.drop_policy not in DROP_POLICIES:
             _fail("drop_policy", self.drop_policy, f"choose one of {DROP_POLICIES}.")
+        if self.capacity_scope not in CAPACITY_SCOPES:
+            _fail("capacity_scope", self.capacity_scope, f"choose one of {CAPACITY_SCOPES}.")
+        if self.capacity_scope == "batch":
+            # The batch-wide rank is a count of earlier shards' rows: it
+            # exists for the position order, not for a weight order (that
+            # would need a sort over the whole batch).
+            if self.dispatch != "capacity" or self.router == "expert_choice":
+                _fail("capacity_scope", "batch", "a batch-wide capacity applies to "
+                      "dispatch='capacity' with a token-choice router; set "
+                      "capacity_scope='shard'.")
+            if self.drop_policy != "position":
+                _fail("capacity_scope", "batch", "the batch-wide capacity ranks rows in the "
+                      "position order: set drop_policy='position' or capacity_scope='shard'.")
+            if not self.capacity_factor > 0:
+                _fail("capacity_scope", "batch", "the batch-wide capacity is a fixed "
+                      "capacity_factor > 0 (a dynamic capacity already sizes the buffers to "
+                      "the busiest expert of the mesh): set capacity_scope='shard'.")
         if self.ep_recv_factor < 0:
             _fail("ep_recv_factor", self.ep_recv_factor, "must be >= 0 (0 = worst-case buffer).")
         if not isinstance(self.execution, Execution):
@@ -398,8 +430,16 @@ class MoEConfig:
         (`Execution.capacity_layout`; `auto`: for a dynamic capacity)."""
         layout = self.execution.capacity_layout
         if layout == "auto":
-            return self.dynamic_capacity and self.execution.overlap_chunks == 1
+            # A batch-wide capacity in dense [E, C] buffers would hold C rows
+            # per expert from every shard: packed sends only what is kept.
+            return ((self.dynamic_capacity or self.batch_capacity)
+                    and self.execution.overlap_chunks == 1)
         return self.dispatch == "capacity" and layout == "packed"
+
+    @property
+    def batch_capacity(self) -> bool:
+        """The capacity counts over the whole batch (`capacity_scope='batch'`)."""
+        return self.dispatch == "capacity" and self.capacity_scope == "batch"
 
     @property
     def dynamic_capacity(self) -> bool:

@@ -20,6 +20,7 @@ CPU and serialises on GPU).
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -83,12 +84,20 @@ def _packed(expert_A, rank_A, perm_A, starts_E, kept_E, keep_A, group_align, num
 
 def capacity_permutation(experts_TK: jax.Array, weights_TK: jax.Array, num_experts: int,
                   capacity: int, drop_policy: str = "position",
-                  packed_align: int = 0) -> Permutation:
+                  packed_align: int = 0,
+                  rank_offset_KE: Optional[jax.Array] = None) -> Permutation:
     """At most `capacity` assignments per expert; the rest are dropped by `drop_policy`.
 
     `position`: all top-1 choices beat all top-2 choices, then earlier tokens
     win (GShard). `probability`: higher combine weight wins, ties by position
     (batch-prioritised routing, V-MoE).
+
+    `rank_offset_KE` (int32 [K, E], position policy): rows of expert e that
+    rank before this call's top-(k+1) choices of e but are not in this call
+    (other token shards, `MoEConfig.capacity_scope='batch'`); an assignment
+    is kept when its rank here plus that offset is below `capacity`. The
+    offsets must grow with k, so the kept rows stay a prefix of each
+    expert's priority order.
 
     Layout: `packed_align = 0` gives fixed `[E, C]` slots (R = E*C, what the
     expert-parallel all-to-all exchanges). `packed_align = a > 0` packs the
@@ -109,8 +118,15 @@ def capacity_permutation(experts_TK: jax.Array, weights_TK: jax.Array, num_exper
     else:
         raise ValueError(f"drop_policy={drop_policy!r} is unknown; use 'position' or 'probability'.")
     rank_A, perm_A, counts_E, starts_E = _rank_within_expert(expert_A, order_A, num_experts)
-    keep_A = rank_A < capacity
-    kept_E = jnp.minimum(counts_E, capacity)
+    if rank_offset_KE is None:
+        keep_A = rank_A < capacity
+        kept_E = jnp.minimum(counts_E, capacity)
+    else:
+        if drop_policy != "position":
+            raise ValueError("rank offsets order rows by position: use drop_policy='position'.")
+        k_A = jnp.tile(jnp.arange(k, dtype=jnp.int32), t)
+        keep_A = rank_A + rank_offset_KE[k_A, expert_A] < capacity
+        kept_E = jnp.zeros((num_experts,), jnp.int32).at[expert_A].add(keep_A.astype(jnp.int32))
     dropped = (num_a - jnp.sum(kept_E)).astype(jnp.int32)
     if packed_align:
         num_rows = dropless_rows(min(num_a, num_experts * capacity), num_experts, packed_align)
@@ -123,7 +139,9 @@ def capacity_permutation(experts_TK: jax.Array, weights_TK: jax.Array, num_exper
     # Row r = e*C + c holds the c-th assignment of expert e, if it has one.
     e_R = jnp.arange(num_rows, dtype=jnp.int32) // capacity
     c_R = jnp.arange(num_rows, dtype=jnp.int32) % capacity
-    filled_R = c_R < counts_E[e_R]
+    # Kept rows are a prefix of each expert's priority order (a keep implies
+    # rank < C, so they fit its C slots).
+    filled_R = c_R < kept_E[e_R]
     src_R = jnp.where(filled_R, perm_A[jnp.minimum(starts_E[e_R] + c_R, num_a - 1)], num_a)
     return Permutation(slot_A.reshape(t, k).astype(jnp.int32), src_R.astype(jnp.int32), kept_E,
                 kept_E, dropped)

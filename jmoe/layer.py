@@ -124,7 +124,7 @@ def local_experts_dropless(w: Params, cfg: MoEConfig):
 def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
              bias_E: Optional[jax.Array], capacity_experts, dropless_experts,
              dropless_align: int, placement: Optional[PlacementArrays] = None,
-             regroup=None, reduce_need=None):
+             regroup=None, reduce_need=None, token_shards: int = 1, rank_offsets=None):
     """Route -> plan -> permute -> experts -> un-permute -> combine, on flat tokens.
 
     The expert step is pluggable so the same code runs on one device and
@@ -141,6 +141,10 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     A dynamic capacity (`MoEConfig.capacity_factor <= 0`) picks its buffer
     size per call among `cfg.capacity_choices`; `reduce_need` (a max over the
     mesh) makes every shard pick the same one.
+    A batch-wide capacity (`MoEConfig.capacity_scope='batch'`) counts over
+    the `token_shards` shards of the call: `rank_offsets(count_KG) ->
+    offset_KG` (int32 [K, G] each) gives, per top-k position and group, the
+    rows of the other shards that rank before this shard's.
     Returns (out_TD, `RouterSums` of these tokens, dropped count included).
     """
     t = x_TD.shape[0]
@@ -168,6 +172,13 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     # rows like dropless, so no expert computes empty slots.
     packed = cfg.dispatch == "dropless" or capacity_experts is None
     d = x_TD.shape[1]
+    offset_KG = None
+    if cfg.batch_capacity and rank_offsets is not None:
+        with jax.named_scope("batch_rank"):
+            k = groups_TK.shape[1]
+            k_TK = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), groups_TK.shape)
+            count_KG = jnp.zeros((k, e), jnp.int32).at[k_TK, groups_TK].add(1)
+            offset_KG = rank_offsets(count_KG)
 
     def run(capacity, x_TD, groups_TK, weights_TK):
         """plan -> permute -> experts -> un-permute for one (static) capacity."""
@@ -175,7 +186,7 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
             if cfg.dispatch == "capacity":
                 perm = dispatch.capacity_permutation(
                     groups_TK, weights_TK, e, capacity, cfg.drop_policy,
-                    packed_align=dropless_align if packed else 0)
+                    packed_align=dropless_align if packed else 0, rank_offset_KE=offset_KG)
             else:
                 perm = dispatch.dropless_permutation(groups_TK, e, dropless_align)
         with jax.named_scope("permute"):
@@ -197,7 +208,8 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     # Capacity is per expert, as without a placement: every slot gets the
     # buffer one expert gets in the static layer, so an expert with r
     # replicas holds r of them (the balancer spreads its rows over them).
-    choices = cfg.capacity_choices(t)
+    t_cap = t * token_shards if cfg.batch_capacity else t
+    choices = cfg.capacity_choices(t_cap)
     if len(choices) == 1:
         out_TD, dropped = run(choices[0], x_TD, groups_TK, r.weights_TK)
         used = choices[0]
@@ -210,7 +222,7 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
         out_TD, dropped, used = _dynamic_capacity(run, choices, e, x_TD, groups_TK,
                                                   r.weights_TK, reduce_need)
     return out_TD, router_sums(r, cfg.num_experts, dropped,
-                               capacity_factor=used * cfg.num_experts / (t * cfg.top_k))
+                               capacity_factor=used * cfg.num_experts / (t_cap * cfg.top_k))
 
 
 def _dynamic_capacity(run, choices: list, num_groups: int, x_TD, groups_TK, weights_TK,

@@ -201,3 +201,50 @@ def test_one_device_layer_keeps_the_hand_computed_capacity(cf, min_cap, kept_per
     x = jax.random.normal(jax.random.key(1), (10, D))
     _, aux = jax.jit(lambda p, x, b: jmoe.moe_apply(p, x, cfg, bias=b))(params, x, bias)
     assert float(aux.dropped_fraction) == pytest.approx((20 - 2 * kept_per_expert) / 20)
+
+
+# ------------------------------------------------- batch-wide capacity --
+
+# data, expert, a2a_hierarchy, devices, capacity_factor, the batch-wide C by
+# hand (T=64 over all shards: ceil(cf*64*2/8)), capacity layout, chunks.
+BATCH_CASES = [
+    (1, 8, 0, 8, 0.5, 8, "auto", 1),     # 0.5*16 = 8; auto packs
+    (2, 4, 2, 8, 0.75, 12, "packed", 1),  # 12; two-level all-to-all
+    (2, 2, 0, 4, 0.6, 10, "dense", 2),    # 9.6 -> 10; dense buffers, 2 chunks
+]
+
+
+@pytest.mark.parametrize("data,expert,hierarchy,devices,cf,cap,layout,chunks", BATCH_CASES)
+def test_batch_capacity_equals_the_one_batch_reference(data, expert, hierarchy, devices, cf,
+                                                       cap, layout, chunks):
+    """`capacity_scope='batch'`: expert-parallel, the layer keeps and drops
+    what one shard holding the whole batch keeps (C over all T tokens, every
+    top-1 choice of the batch before any top-2, then token order across
+    shards): forward, dropped fraction and every gradient equal the
+    reference with a single shard of T tokens. The per-shard scope drops
+    other rows on the same batch (the option takes effect)."""
+    assert _hand_capacity(cf, T, K, E, 1) == cap
+    mesh = _mesh(data, expert, devices)
+    cfg = _cfg(capacity_factor=cf, min_capacity=1, capacity_scope="batch",
+               capacity_layout=layout, overlap_chunks=chunks, a2a_hierarchy=hierarchy)
+    assert cfg.packed_capacity == (layout != "dense")
+    aux = _check(cfg, mesh, 1, cap)
+    assert float(aux.capacity_factor) == pytest.approx(cap * E / (T * K))
+    params, x, ct = _inputs()
+    per_shard = _layer(cfg.replace(capacity_scope="shard"), mesh, params, x, ct)[1]
+    assert float(per_shard.dropped_fraction) != pytest.approx(float(aux.dropped_fraction))
+
+
+@pytest.mark.parametrize("kw,fix", [
+    (dict(drop_policy="probability"), "drop_policy='position'"),
+    (dict(dispatch="dropless"), "dispatch='capacity'"),
+    (dict(capacity_factor=0.0), "capacity_factor > 0"),
+    (dict(capacity_factor=-2.0), "capacity_factor > 0"),
+    (dict(router="expert_choice"), "token-choice router"),
+])
+def test_batch_capacity_refuses_what_it_cannot_rank(kw, fix):
+    with pytest.raises(ValueError, match=r"capacity_scope") as err:
+        _cfg(capacity_scope="batch", **kw)
+    assert fix in str(err.value)
+    with pytest.raises(ValueError, match="choose one of"):
+        _cfg(capacity_scope="global")

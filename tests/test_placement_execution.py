@@ -107,6 +107,42 @@ def test_capacity_under_a_placement_is_one_expert_capacity_per_slot(mesh_shape):
     assert float(aux.capacity_factor) == pytest.approx(cap * E / (t_local * 2))
 
 
+@pytest.mark.parametrize("data,expert", [(1, 8), (2, 4)])
+def test_batch_capacity_under_a_placement_counts_each_slot_over_the_batch(data, expert):
+    """`capacity_scope='batch'` under a placement: every slot holds one
+    expert's capacity over the whole batch, C = ceil(cf*T*K/E), whatever
+    shard its rows come from. Dropped rows against a NumPy count: the split
+    rule per token shard, rows summed per slot over the shards, the excess
+    over C dropped. Fewer drop than with per-shard capacities."""
+    cf = 0.5  # C = 16 rows per slot for about 16 each: some slots overflow
+    cfg = _cfg(dispatch="capacity", capacity_factor=cf, capacity_scope="batch", min_capacity=1)
+    params, x, _ = _inputs(cfg)
+    place = balance(LOAD, expert, E // expert + 1)
+    mesh = make_mesh(data=data, expert=expert)
+    run = jax.jit(lambda p, x, c: jmoe.moe_apply(p, x, c, bias=BIAS, mesh=mesh,
+                                                  placement=place.as_arrays())[1],
+                  static_argnums=2)
+    aux = run(params, x, cfg)
+    r = jmoe.routing.route(jmoe.routing.router_logits(x, params["router"]["w_DE"]), cfg, BIAS)
+    experts_TK = np.asarray(r.experts_TK)
+    shards, cap = data * expert, int(np.ceil(cf * T * 2 / E))
+    slots, share = place.slot_expert_PS.reshape(-1), place.share_PS.reshape(-1)
+    rows_S = np.zeros(slots.size, int)
+    t_local = T // shards
+    for k in range(shards):
+        mine = experts_TK[k * t_local:(k + 1) * t_local].reshape(-1)
+        for e in range(E):
+            cuts = np.concatenate([[0], np.cumsum(share[slots == e])])
+            rows_S[slots == e] += np.diff([int((mine == e).sum()) * c // pl.SHARE_UNITS
+                                           for c in cuts])
+    dropped = int(np.maximum(rows_S - cap, 0).sum())
+    assert dropped > 0  # the case drops
+    assert round(float(aux.dropped_fraction) * T * 2) == dropped
+    assert float(aux.capacity_factor) == pytest.approx(cap * E / (T * 2))
+    per_shard = run(params, x, cfg.replace(capacity_scope="shard"))
+    assert float(aux.dropped_fraction) < float(per_shard.dropped_fraction)
+
+
 def test_placed_layer_on_one_device_equals_the_per_token_reference():
     """Independent of the static layer: the per-token loop of
     tests/moe_reference.py, forward and gradients, under a placement whose

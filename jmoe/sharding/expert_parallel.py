@@ -81,6 +81,8 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
     elif bias_E is None:
         bias_E = jnp.zeros((cfg.num_experts,), jnp.float32)
 
+    n_shards = math.prod(axis_size(mesh, a) for a in tok)
+
     def core(x, xr, w_DE, bias, w, placement):
         regroup = None
         if cfg.execution.shadow_experts and ep > 1:
@@ -96,7 +98,9 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
             # Rows are sorted per global expert before the exchange; the
             # receiving side pads to `group_align` when it regroups them.
             dropless_align=1, placement=placement, regroup=regroup,
-            reduce_need=(lambda n: lax.pmax(n, tok)) if tok else None)
+            reduce_need=(lambda n: lax.pmax(n, tok)) if tok else None,
+            token_shards=n_shards, rank_offsets=functools.partial(_batch_rank_offsets, tok=tok)
+            if tok else None)
 
     def body(x, xr, w_DE, bias, w, placement):
         if cfg.dispatch == "dropless" and cfg.execution.overlap_chunks > 1:
@@ -124,3 +128,18 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
                        in_specs=(tok_spec, tok_spec, P(), P(), w_specs, P()),
                        out_specs=(tok_spec, P()))
     return fn(x_TD, xr_TD, params["router"]["w_DE"], bias_E, w_exp, placement)
+
+
+def _batch_rank_offsets(count_KG: jax.Array, tok: tuple) -> jax.Array:
+    """Rows of the other token shards that rank before this shard's, per
+    top-k position k and group g, in the one-device position order (every
+    top-k' < k choice of the batch, then the top-k choices of earlier
+    shards): int32 [K, G] -> [K, G]. Tokens are sharded over `tok` in
+    order, so shard i holds the i-th block of the batch."""
+    all_NKG = lax.all_gather(count_KG, tok)
+    me = lax.axis_index(tok)
+    earlier_N = (jnp.arange(all_NKG.shape[0]) < me)[:, None, None]
+    before_KG = jnp.sum(jnp.where(earlier_N, all_NKG, 0), axis=0)
+    others_KG = jnp.sum(all_NKG, axis=0) - count_KG
+    # Exclusive over k: the other shards' top-k' choices for every k' < k.
+    return before_KG + jnp.cumsum(others_KG, axis=0) - others_KG
