@@ -186,6 +186,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         trials=2,  # timed steps per plan per timing round
         retime_every=0,  # steps between timing rounds; 0: only at start and on a load shift
         load_shift=0.0,  # re-time when expert loads move this far (total variation); 0: never
+        prune=1.5,  # stop timing (this round) a plan slower than 1.5x the fastest; 0: never
     ))
 
     # Mesh sizes; one may be -1 (the remaining devices). Tokens are sharded

@@ -18,7 +18,10 @@ and the choice is a Python-side dispatch, switching never recompiles.
 Timing: a variant's first call compiles and is not timed; then the
 variants take turns, `trials` timed calls each (each waits for its result,
 so a timing phase gives up the overlap of dispatching one call while the
-last one runs).
+last one runs). A variant whose timed calls all took more than `prune`
+times the fastest median so far is not timed again in that round: a plan
+three times slower than the best costs one blocking call per round, not
+`trials` of them.
 The plan with the smallest median wins. `retime_every` (calls) re-times on
 a schedule; `retime()` on demand, e.g. when the expert loads shift.
 """
@@ -53,12 +56,17 @@ class PlanSwitch:
       trials: timed calls per variant in a timing round (after its first).
       retime_every: calls between timing rounds; 0 = only at the start and
         on `retime()`.
+      prune: a variant whose best timed call exceeds `prune` times the
+        fastest variant's median so far is not timed again in the round
+        (it stays a candidate with the times it has); 0 = time every
+        variant `trials` times.
       block: waits for a result (default `jax.block_until_ready`).
       on_choice: called with each finished `Choice` (e.g. to log it).
     """
 
     def __init__(self, variants: Mapping[str, Callable], *, trials: int = 2,
-                 retime_every: int = 0, block: Optional[Callable[[Any], Any]] = None,
+                 retime_every: int = 0, prune: float = 1.5,
+                 block: Optional[Callable[[Any], Any]] = None,
                  clock: Callable[[], float] = time.perf_counter,
                  on_choice: Optional[Callable[[Choice], None]] = None):
         if not variants:
@@ -68,12 +76,15 @@ class PlanSwitch:
         if not isinstance(retime_every, int) or retime_every < 0:
             raise ValueError(f"retime_every={retime_every!r} is invalid: must be an "
                              "integer >= 0 (0 = only on retime()).")
+        if not (prune == 0 or prune > 1):
+            raise ValueError(f"prune={prune!r} is invalid: must be > 1 (times the fastest "
+                             "median), or 0 to time every variant `trials` times.")
         if block is None:
             import jax
             block = jax.block_until_ready
         self.variants = dict(variants)
         self.names = list(self.variants)
-        self.trials, self.retime_every = trials, retime_every
+        self.trials, self.retime_every, self.prune = trials, retime_every, prune
         self.block, self.clock, self.on_choice = block, clock, on_choice
         self.calls = 0
         self.current = self.names[0]
@@ -115,9 +126,19 @@ class PlanSwitch:
         out = self.block(fn(*args, **kwargs))
         self._times[name].append(self.clock() - t0)
         self._queue.pop(0)
+        if self.prune:
+            self._drop_slow()
         if not self._queue:
             self._finish()
         return out
+
+    def _drop_slow(self) -> None:
+        """Takes the variants that are clearly slower (`prune`) out of the
+        rest of this round's queue."""
+        timed = {n: t for n, t in self._times.items() if t}
+        best = min(statistics.median(t) for t in timed.values())
+        slow = {n for n, t in timed.items() if min(t) > self.prune * best}
+        self._queue = [n for n in self._queue if n not in slow]
 
     def _finish(self) -> None:
         medians = {n: statistics.median(t) for n, t in self._times.items() if t}

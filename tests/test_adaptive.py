@@ -46,7 +46,7 @@ def test_switch_times_each_variant_then_runs_the_fastest():
     costs = {"a": 3.0, "b": 1.0, "c": 2.0}
     choices = []
     sw = PlanSwitch(_variants(clock, costs, log), trials=2, retime_every=4, block=lambda x: x,
-                    clock=clock, on_choice=choices.append)
+                    clock=clock, on_choice=choices.append, prune=0)
     outs = [sw(i) for i in range(9)]
     assert outs == [i + 1 for i in range(9)]  # every call is a real step
     assert log == ["a", "a", "b", "b", "c", "c", "a", "b", "c"]
@@ -60,6 +60,31 @@ def test_switch_times_each_variant_then_runs_the_fastest():
     # the new fastest.
     assert log[4:] == ["a", "b", "c", "a", "b", "c", "c"] and sw.current == "c"
     assert len(choices) == 2 and choices[1].medians["b"] == 5.0
+
+
+def test_switch_stops_timing_a_clearly_slower_variant():
+    """prune=1.5: after its first timed call, a variant slower than 1.5x
+    the fastest median so far leaves the round (c at 4x); one at 1.25x (b)
+    keeps its `trials`. Its single time stays in the round's medians."""
+    clock, log = FakeClock(), []
+    costs = {"a": 1.0, "b": 1.25, "c": 4.0}
+    sw = PlanSwitch(_variants(clock, costs, log), trials=3, block=lambda x: x, clock=clock,
+                    prune=1.5)
+    [sw(i) for i in range(11)]
+    # Each first call is untimed; c leaves after its first timed call; a and
+    # b take their 3 turns; then the fastest.
+    assert log == ["a", "a", "b", "b", "c", "c", "a", "b", "a", "b", "a"]
+    assert sw.choices[0].medians == {"a": 1.0, "b": 1.25, "c": 4.0} and sw.current == "a"
+    assert log.count("c") == 2  # compile + one timed call, instead of 1 + trials
+    # The slow variant comes first: it is timed once, then dropped when a
+    # faster one has a median.
+    log.clear()
+    costs.update(a=5.0, b=1.0)
+    sw.retime()
+    [sw(i) for i in range(8)]
+    assert log == ["a", "b", "c", "b", "b", "b", "b", "b"] and sw.current == "b"
+    with pytest.raises(ValueError, match="prune=1.0 is invalid"):
+        PlanSwitch({"x": lambda: 0}, prune=1.0)
 
 
 def test_switch_retime_on_demand_and_bad_arguments():
@@ -146,6 +171,7 @@ def test_adaptive_training_switches_plans_without_compiling_or_changing_losses(
 
 @pytest.mark.parametrize("overrides,match", [
     ({"adaptive.trials": 0}, "config.adaptive.trials=0 is invalid"),
+    ({"adaptive.prune": 1.0}, "config.adaptive.prune=1.0 is invalid"),
     ({"adaptive.load_shift": 2.0}, "must be in \\[0, 1\\]"),
 ])
 def test_bad_adaptive_configs_fail_before_compiling(overrides, match, tmp_path):

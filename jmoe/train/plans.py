@@ -42,12 +42,16 @@ class AdaptiveConfig:
         on a load shift.
       load_shift: re-time when the expert loads move this far (total
         variation, 0..1) from those of the last timing; 0 = never.
+      prune: within a timing round, stop timing a plan whose best step took
+        more than `prune` times the fastest plan's median (`PlanSwitch`);
+        0 = time every plan `trials` steps.
     """
 
     plans: int = 0
     trials: int = 2
     retime_every: int = 0
     load_shift: float = 0.0
+    prune: float = 1.5
 
     @property
     def enabled(self) -> bool:
@@ -61,6 +65,10 @@ def adaptive_config(section) -> AdaptiveConfig:
         v = getattr(ac, name)
         if not isinstance(v, int) or v < low:
             raise FieldError("config.adaptive", name, v, f"must be an integer >= {low}.")
+    if not (ac.prune == 0 or ac.prune > 1):
+        raise FieldError("config.adaptive", "prune", ac.prune,
+                         "must be > 1 (times the fastest plan's median), or 0 to time every "
+                         "plan `trials` steps.")
     if not 0.0 <= ac.load_shift <= 1.0:
         raise FieldError("config.adaptive", "load_shift", ac.load_shift,
                          "must be in [0, 1] (a total-variation distance; 0 = never).")
@@ -129,7 +137,8 @@ class AdaptiveSteps:
         self.names = list(steps)
         self.evals = {n: ev for n, (_, ev) in steps.items()}
         self.switch = PlanSwitch({n: tr for n, (tr, _) in steps.items()}, trials=ac.trials,
-                                 retime_every=ac.retime_every, on_choice=self._chosen)
+                                 retime_every=ac.retime_every, prune=ac.prune,
+                                 on_choice=self._chosen)
         self._on_choice = on_choice
         self._ran: list = []  # plan index of each dispatched step not yet drained
         self._ref_load: Optional[np.ndarray] = None
