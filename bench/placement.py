@@ -25,6 +25,9 @@ gradients):
                  share-0 copy; every device has the same slot count)
   re-placed+R=8  `balance(load_E, 8, E/8 + 1)`: one spare slot per device,
                  weights in slot order (replicas tied: their gradients summed)
+  re-placed+R=16 `balance(load_E, 8, E/8 + 2)`: two spare slots per device
+                 (for the capacity columns: 8 replicas do not reach every
+                 expert above 1.25x the mean at E=64)
   re-placed+R=8, gathered  the same placement with the weights left in
                  logical order, gathered into slot order on every call (an
                  all-gather of every expert and an all-reduce of their
@@ -103,7 +106,7 @@ from jmoe.sharding import make_mesh, moe_shardings  # noqa: E402
 
 EP = 8
 LAYOUTS = ("static", "static, placed path", "re-placed", "re-placed+R=4", "re-placed+R=8",
-           "re-placed+R=8, gathered", "shadowed s=1", "shadowed s=2")
+           "re-placed+R=16", "re-placed+R=8, gathered", "shadowed s=1", "shadowed s=2")
 SHADOWS = {"shadowed s=1": 1, "shadowed s=2": 2}
 GATHERED = "re-placed+R=8, gathered"
 NOTES = [
@@ -225,6 +228,7 @@ def fwd_bwd_fns(cfg, mesh) -> dict:
     fns = {"static": harness.fwd_bwd(static(cfg), diff_args=2),
            "static, placed path": same_slots, "re-placed": same_slots,
            "re-placed+R=4": spare, "re-placed+R=8": spare,
+           "re-placed+R=16": harness.fwd_bwd(placed, diff_args=2),
            GATHERED: harness.fwd_bwd(placed, diff_args=2)}
     for layout, s in SHADOWS.items():
         fns[layout] = harness.fwd_bwd(static(cfg.with_execution(shadow_experts=s)), diff_args=2)
@@ -240,10 +244,11 @@ def capacity_fns(cfg, mesh, cf: float, scope: str = "shard") -> dict:
     static = jax.jit(lambda x, p, b: stats(jmoe.moe_apply(p, x, cap, bias=b, mesh=mesh)[1]))
     placed = lambda: jax.jit(lambda x, p, b, arr: stats(
         jmoe.moe_apply(p, x, cap, bias=b, mesh=mesh, placement=arr)[1]))
-    same_slots, spare = placed(), placed()
+    same_slots, spare, two_spare = placed(), placed(), placed()
     # Shadow experts run on the dropless path only: no capacity row.
     return {"static": static, "static, placed path": same_slots, "re-placed": same_slots,
-            "re-placed+R=4": spare, "re-placed+R=8": spare, GATHERED: spare}
+            "re-placed+R=4": spare, "re-placed+R=8": spare, "re-placed+R=16": two_spare,
+            GATHERED: spare}
 
 
 def run_experts(a, num_experts: int, mesh) -> dict:
@@ -269,7 +274,8 @@ def run_experts(a, num_experts: int, mesh) -> dict:
     slots = {"static": num_experts // EP, "static, placed path": num_experts // EP,
              "re-placed": num_experts // EP,
              "re-placed+R=4": num_experts // EP + 1,
-             "re-placed+R=8": num_experts // EP + 1, GATHERED: num_experts // EP + 1,
+             "re-placed+R=8": num_experts // EP + 1, "re-placed+R=16": num_experts // EP + 2,
+             GATHERED: num_experts // EP + 1,
              **{layout: num_experts // EP for layout in SHADOWS}}
     expert_sharding = NamedSharding(mesh, P("expert"))
 
