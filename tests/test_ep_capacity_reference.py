@@ -248,3 +248,25 @@ def test_batch_capacity_refuses_what_it_cannot_rank(kw, fix):
     assert fix in str(err.value)
     with pytest.raises(ValueError, match="choose one of"):
         _cfg(capacity_scope="global")
+
+
+def test_the_planner_prices_the_batch_wide_capacity():
+    """The cost model: a batch-wide capacity adds the counts' all-gather; in
+    dense buffers it holds C over the ep shards' tokens from every shard
+    (by hand: ceil(1.25 * 4096*8 * 2 / 64) = 1280 rows per expert), and
+    `auto` runs it packed (priced as the dropless exchange plus its drops)."""
+    from jmoe.planner import hardware, layer_cost
+    hw = hardware.get("h100")
+
+    def cost(**kw):
+        m = jmoe.MoEConfig(d_model=256, d_ff=512, num_experts=64, top_k=2, dispatch="capacity",
+                           **kw)
+        return layer_cost.moe_layer_cost(m, 4096, 8, hw)
+    shard, dense = cost(), cost(capacity_scope="batch",
+                                execution=jmoe.Execution(capacity_layout="dense"))
+    packed = cost(capacity_scope="batch")
+    assert shard.detail["capacity"] == 160 and dense.detail["capacity"] == 1280
+    assert dense.time > shard.time
+    names = lambda c: [o.name for o in c.ops]
+    assert "batch_rank_all_gather" in names(dense) and "batch_rank_all_gather" not in names(shard)
+    assert "a2a_counts" in names(packed) and "a2a_counts" not in names(dense)

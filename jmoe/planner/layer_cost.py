@@ -216,6 +216,8 @@ def _router_ops(g: _MoELayer) -> list:
     stats = g.hw.intra_alpha if g.ep > 1 else 0.0  # psum of router sums
     if stats:
         ops.append(g.op("router_stats_psum", "comm", stats, 0.0))
+        if g.moe.batch_capacity:  # the all-gather of [K, E] counts that ranks rows batch-wide
+            ops.append(g.op("batch_rank_all_gather", "comm", stats, 0.0))
     return ops
 
 
@@ -224,7 +226,10 @@ def _capacity_regions(g: _MoELayer) -> tuple[list, _Exchange, dict]:
     cut the C slots, so experts run on [E_local, ep*C/n, D]."""
     prim, d, b, n = g.prim, g.moe.d_model, g.b, g.chunks
     t_all, a_all = g.tokens, g.tokens * g.moe.top_k
-    cap = g.moe.capacity(g.tokens)
+    # A batch-wide capacity in dense buffers holds C rows per expert from
+    # every shard; C counts over the whole batch, at least the ep shards'
+    # tokens (the layer cost does not see the data axis).
+    cap = g.moe.capacity(g.tokens * (g.ep if g.moe.batch_capacity else 1))
     rows_buf = g.moe.num_experts * cap  # per device, before and after the exchange
     plan = prim.sort(a_all) + prim.mem(a_all * 4 * 6 + rows_buf * 4 * 4, kernels=4)
     perm = prim.gather(2 * rows_buf * d * b)
