@@ -270,3 +270,26 @@ def test_the_planner_prices_the_batch_wide_capacity():
     names = lambda c: [o.name for o in c.ops]
     assert "batch_rank_all_gather" in names(dense) and "batch_rank_all_gather" not in names(shard)
     assert "a2a_counts" in names(packed) and "a2a_counts" not in names(dense)
+
+
+@pytest.mark.slow
+def test_training_with_a_batch_wide_capacity_does_not_depend_on_the_token_shards(tmp_path):
+    """The trainer with capacity dispatch that drops (cf 0.5): on mesh
+    expert=8 (8 token shards) and on expert=4 x tensor=2 (4 token shards),
+    a batch-wide capacity trains the same losses (to 1e-5); per-shard
+    capacities do not (they drop other rows)."""
+    from test_train import tiny_config, train_losses
+    from jmoe.train import loop
+
+    def losses(scope, expert, tensor):
+        workdir = str(tmp_path / f"{scope}{expert}{tensor}")
+        loop.run(tiny_config(**{"total_steps": 4, "opt.schedule_steps": 4, "eval_every": 4,
+                                "checkpoint_every": 4, "model.dispatch": "capacity",
+                                "model.capacity_factor": 0.5, "model.min_capacity": 1,
+                                "model.capacity_scope": scope, "mesh.expert": expert,
+                                "mesh.tensor": tensor}), workdir)
+        return np.array([v for _, v in sorted(train_losses(workdir).items())])
+    batch8, batch4 = losses("batch", 8, 1), losses("batch", 4, 2)
+    np.testing.assert_allclose(batch4, batch8, rtol=1e-5, atol=1e-5)
+    shard8, shard4 = losses("shard", 8, 1), losses("shard", 4, 2)
+    assert np.abs(shard8 - shard4).max() > 1e-3
