@@ -187,3 +187,34 @@ def test_the_planner_prices_the_packed_layout_as_the_dropless_exchange():
     fixed = cost(base.replace(dispatch="capacity", capacity_factor=1.25))
     assert fixed.drop_fraction > 0.05
     assert bounded.drop_fraction == pytest.approx(fixed.drop_fraction)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.capacity_factor": 0.0},              # dynamic: auto packs
+    {"execution.capacity_layout": "packed"},     # explicit packed, fixed cf
+    {"model.capacity_scope": "batch"},           # batch-wide: auto packs
+])
+def test_the_planner_and_the_adaptive_shortlist_take_the_packed_capacity(overrides, capsys):
+    """`jmoe.plan` ranks its candidates (dropless and chunked ones too) for a
+    config whose capacity layer packs, and the trainer's adaptive shortlist
+    builds valid plans from it: chunked plans exchange dense buffers (the
+    same rows kept); a dropless candidate drops the batch scope. Before
+    this, the memory estimate read the dense layout's buffer (KeyError) and
+    a candidate could build an invalid config."""
+    from jmoe.planner import cli
+    from jmoe.sharding import make_mesh
+    from jmoe.train import loop, plans
+    from test_train import CONFIG_FILE, tiny_config
+    out = cli.run(["plan", f"--config={CONFIG_FILE}:mixtral_8x7b", "--hardware=h100",
+                   "--nodes=1", "--config.model.dispatch=capacity",
+                   *(f"--config.{k}={v}" for k, v in overrides.items())])
+    assert out["ranked"] and "Predicted" in capsys.readouterr().out
+    config = tiny_config(**{"model.dispatch": "capacity", **overrides})
+    gpt = loop.validate_config(config)
+    assert gpt.moe.packed_capacity
+    shortlist = plans.shortlist(plans.AdaptiveConfig(plans=4), gpt, config,
+                                make_mesh(config.mesh, owner="config.mesh"))
+    assert len(shortlist) == 4
+    for name, g in shortlist.items():
+        assert g.moe.packed_capacity == (g.moe.execution.overlap_chunks == 1), name
+        assert g.moe.maths() == gpt.moe.maths(), name  # the same function

@@ -31,10 +31,19 @@ class Setting:
     fsdp: bool = False  # config.mesh.fsdp: weights and Adam moments sharded over `data`
 
     def layer(self, moe: MoEConfig) -> MoEConfig:
-        """`moe` with this setting's maths and execution knobs."""
+        """`moe` with this setting's maths and execution knobs. Options of
+        `moe` that the setting rules out follow it: a batch-wide capacity
+        scope on the dropless path (it has no capacity), and an explicit
+        packed capacity layout with overlap chunks (packed rows have no
+        chunks; the chunked plan exchanges dense buffers, which keep the
+        same rows)."""
+        scope = moe.capacity_scope if self.dispatch == "capacity" else "shard"
+        ex = dict(overlap_chunks=self.overlap_chunks, a2a_hierarchy=self.a2a_hierarchy)
+        if self.overlap_chunks > 1 and moe.execution.capacity_layout == "packed":
+            ex["capacity_layout"] = "auto"
         return moe.replace(dispatch=self.dispatch, capacity_factor=self.capacity_factor,
-                           ep_recv_factor=self.ep_recv_factor).with_execution(
-            overlap_chunks=self.overlap_chunks, a2a_hierarchy=self.a2a_hierarchy)
+                           ep_recv_factor=self.ep_recv_factor,
+                           capacity_scope=scope).with_execution(**ex)
 
 
 @dataclasses.dataclass
@@ -102,8 +111,8 @@ def expert_buffer_rows(moe: MoEConfig, tokens: int, ep: int, detail: dict) -> fl
 
     One device: the kept assignments packed by expert, each group padded to
     `group_align` (`jmoe.dispatch.dropless_rows`; capacity keeps at most E*C
-    of the T*K). Expert parallel: the capacity path's [E, C, D] buffers, the
-    dropless path's receive buffers of every bucket branch (`recv_rows`)
+    of the T*K). Expert parallel: the dense capacity layout's [E, C, D]
+    buffers, the dropless path's (and the packed capacity layout's) receive buffers of every bucket branch (`recv_rows`)
     regrouped by local expert.
     """
     if ep == 1:
@@ -111,8 +120,10 @@ def expert_buffer_rows(moe: MoEConfig, tokens: int, ep: int, detail: dict) -> fl
         if moe.dispatch == "capacity":
             a = min(a, moe.num_experts * moe.capacity(tokens))
         return float(dropless_rows(a, moe.num_experts, moe.group_align))
-    if moe.dispatch == "capacity":
+    if moe.dispatch == "capacity" and not moe.packed_capacity:
         return float(detail["buffer_rows"])
+    # Dropless, and the packed capacity layout (its kept rows travel through
+    # the dropless exchange): the receive buffers.
     return float(detail["recv_rows"]) + (moe.num_experts // ep + 1) * (moe.group_align - 1)
 
 

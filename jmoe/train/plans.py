@@ -109,8 +109,7 @@ def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = 
     settings = search.execution_shortlist(
         gpt, devices=devices, hw=hw, batch_size=batch, seq_len=seq, current=current,
         n=ac.plans - buckets - shadow, backend=backend)
-    out = {plan_name(s): dataclasses.replace(gpt, moe=m.with_execution(
-        overlap_chunks=s.overlap_chunks, a2a_hierarchy=s.a2a_hierarchy)) for s, _ in settings}
+    out = {plan_name(s): dataclasses.replace(gpt, moe=s.layer(m)) for s, _ in settings}
     times = {plan_name(s): t for s, t in settings}
     if buckets:
         other = () if m.execution.ep_buckets else Execution().ep_buckets
