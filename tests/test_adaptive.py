@@ -126,10 +126,18 @@ BASE = {"total_steps": STEPS, "checkpoint_every": STEPS, "eval_every": STEPS,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("extra,special", [
+    ({}, "shadow=1"),
+    # Capacity that drops (cf 0.5) counted over the batch: packed by
+    # default, so the other layout's plan is dense.
+    ({"model.dispatch": "capacity", "model.capacity_factor": 0.5, "model.min_capacity": 1,
+      "model.capacity_scope": "batch"}, "capacity_layout=dense"),
+])
 def test_adaptive_training_switches_plans_without_compiling_or_changing_losses(
-        tmp_path, monkeypatch):
-    """Four shortlisted plans (two from the planner's search, the other
-    bucket set, a shadow expert), one timed step each: the losses equal the
+        extra, special, tmp_path, monkeypatch):
+    """Four shortlisted plans, one timed step each (dropless: two from the
+    planner's search, the other bucket set, a shadow expert; capacity: three
+    from the search and the other capacity layout): the losses equal the
     fixed plan's to 1e-5, every plan ran, and after the warm-up (the first
     timing round) no train step compiles."""
     compiles, state = [], {"warm": False, "in_train": False}
@@ -155,15 +163,16 @@ def test_adaptive_training_switches_plans_without_compiling_or_changing_losses(
     monkeypatch.setattr(plans.AdaptiveSteps, "train", spy)
 
     fixed, adaptive = str(tmp_path / "fixed"), str(tmp_path / "adaptive")
-    loop.run(tiny_config(**BASE), fixed)
-    loop.run(tiny_config(**BASE, **{"adaptive.plans": 4, "adaptive.trials": 1}), adaptive)
+    loop.run(tiny_config(**BASE, **extra), fixed)
+    loop.run(tiny_config(**BASE, **extra, **{"adaptive.plans": 4, "adaptive.trials": 1,
+                                             "adaptive.prune": 0}), adaptive)
     want, got = train_losses(fixed), train_losses(adaptive)
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)],
                                [want[s] for s in range(1, STEPS + 1)], rtol=1e-5)
     recs = [json.loads(l) for l in open(os.path.join(adaptive, "metrics.jsonl"))]
     rounds = [r for r in recs if r["split"] == "adaptive"]
     assert len(rounds) == 1 and len(rounds[0]["plans"]) == 4
-    assert [p for p in rounds[0]["plans"] if p.endswith("shadow=1")]
+    assert [p for p in rounds[0]["plans"] if p.endswith(special)]
     ran = sorted({p for r in recs if r["split"] == "train" for p in r.get("plans", [])})
     assert ran == [0, 1, 2, 3]
     assert compiles and not any(compiles)  # compiles only before the first choice

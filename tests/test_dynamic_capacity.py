@@ -215,6 +215,8 @@ def test_the_planner_and_the_adaptive_shortlist_take_the_packed_capacity(overrid
     shortlist = plans.shortlist(plans.AdaptiveConfig(plans=4), gpt, config,
                                 make_mesh(config.mesh, owner="config.mesh"))
     assert len(shortlist) == 4
+    assert "chunks=1 flat capacity_layout=dense" in shortlist  # the other layout is a plan
     for name, g in shortlist.items():
-        assert g.moe.packed_capacity == (g.moe.execution.overlap_chunks == 1), name
+        dense = g.moe.execution.overlap_chunks > 1 or name.endswith("capacity_layout=dense")
+        assert g.moe.packed_capacity == (not dense), name
         assert g.moe.maths() == gpt.moe.maths(), name  # the same function

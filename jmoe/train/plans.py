@@ -3,7 +3,8 @@
 With `adaptive.plans = n > 1` the planner shortlists `n` execution plans
 for the run's mesh that differ only in how the MoE layers run (overlap
 chunks, all-to-all hierarchy: `jmoe.planner.search.execution_shortlist`;
-with the dense dropless exchange, also the `ep_buckets` set),
+with the dense dropless exchange, also the `ep_buckets` set; with capacity
+dispatch, also the other capacity layout, dense or packed),
 so they share the parameter layout and compute the same function. The
 trainer compiles a train step per plan and hands them to a
 `jmoe.adaptive.PlanSwitch`, which times each on real steps and runs the
@@ -106,15 +107,26 @@ def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = 
     # loads, so its prediction is the config plan's; the timing decides.
     shadow = (m.dispatch == "dropless" and current.ep > 1 and not m.execution.shadow_experts
               and ac.plans > 2 + buckets)
+    # Capacity dispatch: the dense [E, C] all-to-all and the packed kept
+    # rows keep the same rows; which runs faster depends on the drops and
+    # the loads, so with a plan to spare the other layout is timed too.
+    layout = (m.dispatch == "capacity" and m.router != "expert_choice" and current.ep > 1
+              and m.execution.overlap_chunks == 1 and ac.plans > 2)
     settings = search.execution_shortlist(
         gpt, devices=devices, hw=hw, batch_size=batch, seq_len=seq, current=current,
-        n=ac.plans - buckets - shadow, backend=backend)
+        n=ac.plans - buckets - shadow - layout, backend=backend)
     out = {plan_name(s): dataclasses.replace(gpt, moe=s.layer(m)) for s, _ in settings}
     times = {plan_name(s): t for s, t in settings}
     if buckets:
         other = () if m.execution.ep_buckets else Execution().ep_buckets
         name = f"{plan_name(current)} ep_buckets={other}"
         out[name] = dataclasses.replace(gpt, moe=m.with_execution(ep_buckets=other))
+        times[name] = step_cost(out[name], current, seq_len=seq, batch_size=batch,
+                                devices=devices, hw=hw, backend=backend).time
+    if layout:
+        other = "dense" if m.packed_capacity else "packed"
+        name = f"{plan_name(current)} capacity_layout={other}"
+        out[name] = dataclasses.replace(gpt, moe=m.with_execution(capacity_layout=other))
         times[name] = step_cost(out[name], current, seq_len=seq, batch_size=batch,
                                 devices=devices, hw=hw, backend=backend).time
     if shadow:
