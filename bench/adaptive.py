@@ -23,8 +23,8 @@ Rows (dropless unless said):
   capacity 0      capacity dispatch with `capacity_factor=0` (what each step
                   needs), the config's plan
 
-Every row runs `--repeats` times, the rows taking turns; its step time is
-the median of its runs'.
+Every row runs `--repeats` times, the rows taking turns (every other round
+in reverse order); its step time is the median of its runs'.
 
 Columns: step time (median over the logged windows after the first, which
 compiles; for the adaptive run, after its first timing round, which compiles
@@ -139,12 +139,13 @@ def main(argv=None):
             "adaptive.plans": a.plans, "adaptive.retime_every": 50})
         jobs["capacity 0"] = _config(a.steps, **extra, **{
             "model.dispatch": "capacity", "model.capacity_factor": 0.0})
-        # Rows take turns, `--repeats` rounds: a drift in the machine's
+        # Rows take turns, `--repeats` rounds, every other round in reverse
+        # order (A B C, C B A): a drift in the machine's or the process's
         # speed then hits every row alike; a row's time is the median of its
         # runs' steady-state medians.
         runs = {k: [] for k in jobs}
         for rep in range(a.repeats):
-            for k, cfg in jobs.items():
+            for k, cfg in (list(jobs.items()) if rep % 2 == 0 else list(jobs.items())[::-1]):
                 print(f"\n[{routing}] {k} (run {rep + 1} of {a.repeats})", flush=True)
                 runs[k].append(_run(cfg, os.path.join(tmp, f"{routing}_{len(runs[k])}_"
                                                       f"{list(jobs).index(k)}"), counter))
