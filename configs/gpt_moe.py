@@ -100,6 +100,7 @@ def _execution(**kw) -> ml_collections.ConfigDict:
         lancet_chunks=1,  # Lancet-style token chunks around each MoE
         fsdp_collective_matmul=False,  # FSDP weight gathers as ppermute rings (needs mesh.fsdp)
         gmm_backend="auto",  # grouped matmul: auto | xla | pallas
+        gmm_tiling="auto",  # Pallas grouped-matmul tiles: auto (by shape) | wide | narrow
         # --- expert parallelism (used when config.mesh.expert > 1) ---
         a2a_hierarchy=0,  # devices per node for the two-level all-to-all (0: flat)
         ragged_impl="auto",  # dropless exchange: native ragged all-to-all | dense emulation

@@ -16,6 +16,7 @@ GATED_ACTIVATIONS = ("swiglu", "geglu", "swiglu_clamped")
 DROP_POLICIES = ("position", "probability")
 CAPACITY_SCOPES = ("shard", "batch")
 GMM_BACKENDS = ("auto", "xla", "pallas")
+GMM_TILINGS = ("auto", "wide", "narrow")
 RAGGED_IMPLS = ("auto", "native", "dense")
 CAPACITY_LAYOUTS = ("auto", "dense", "packed")
 
@@ -96,6 +97,10 @@ class Execution:
 
       gmm_backend: grouped-matmul implementation, `auto` (Pallas/Triton on
         GPU, XLA elsewhere), `xla` or `pallas`.
+      gmm_tiling: the Pallas grouped matmul's shipped tiling
+        (`jmoe.kernels.PALLAS_TILINGS`): `auto` by the operands' shape (wide
+        when min(I, N) >= 256), or `wide` / `narrow` for every matmul. The
+        xla backend has one tiling and ignores it.
       a2a_hierarchy: devices per node group for Tutel's two-level (2DH)
         all-to-all: first within groups of this many consecutive devices on the
         `expert` axis, then across groups. 0 or 1 = one flat all-to-all.
@@ -147,6 +152,7 @@ class Execution:
     """
 
     gmm_backend: str = "auto"
+    gmm_tiling: str = "auto"
     a2a_hierarchy: int = 0
     ragged_impl: str = "auto"
     ep_buckets: tuple = (1.5, 3.0)
@@ -166,6 +172,8 @@ class Execution:
     def validate(self, owner: str = "Execution") -> None:
         if self.gmm_backend not in GMM_BACKENDS:
             _fail("gmm_backend", self.gmm_backend, f"choose one of {GMM_BACKENDS}.", owner)
+        if self.gmm_tiling not in GMM_TILINGS:
+            _fail("gmm_tiling", self.gmm_tiling, f"choose one of {GMM_TILINGS}.", owner)
         if self.ragged_impl not in RAGGED_IMPLS:
             _fail("ragged_impl", self.ragged_impl, f"choose one of {RAGGED_IMPLS}.", owner)
         if not isinstance(self.a2a_hierarchy, int) or self.a2a_hierarchy < 0:

@@ -40,9 +40,10 @@ def activation_fn(name: str, gate: jax.Array, up: jax.Array | None, alpha: float
 
 def grouped_mlp(x_RD: jax.Array, w: Mapping[str, jax.Array], group_sizes_E: jax.Array,
                 activation: str, backend: str = "auto", alpha: float = 1.702,
-                limit: float = 7.0) -> jax.Array:
-    """[R, D] rows grouped by expert -> [R, D]; rows past sum(group_sizes) give 0."""
-    mm = lambda lhs, rhs: kernels.gmm(lhs, rhs, group_sizes_E, backend=backend)
+                limit: float = 7.0, tiling: str = "auto") -> jax.Array:
+    """[R, D] rows grouped by expert -> [R, D]; rows past sum(group_sizes) give 0.
+    `tiling`: the grouped matmul's shipped tiling class (`kernels.gmm`)."""
+    mm = lambda lhs, rhs: kernels.gmm(lhs, rhs, group_sizes_E, backend=backend, tiling=tiling)
     if "b_up_EF" not in w:
         bias = lambda y, name: y
     else:

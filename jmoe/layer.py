@@ -116,7 +116,8 @@ def local_experts_dropless(w: Params, cfg: MoEConfig):
     """Experts on rows grouped by expert; drops nothing."""
     def run(buf_RD, group_sizes_E):
         y_RD = experts.grouped_mlp(buf_RD, w, group_sizes_E, cfg.activation,
-                                   cfg.execution.gmm_backend, cfg.swiglu_alpha, cfg.swiglu_limit)
+                                   cfg.execution.gmm_backend, cfg.swiglu_alpha, cfg.swiglu_limit,
+                                   tiling=cfg.execution.gmm_tiling)
         return y_RD, jnp.zeros((), jnp.int32)
     return run
 

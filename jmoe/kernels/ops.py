@@ -68,12 +68,16 @@ def _out_dtype(preferred_element_type, default) -> np.dtype:
 
 
 def _tiling_for(backend: str, tiling, dtype, k: int, n: int) -> Tiling:
+    """A shipped class name (`auto`, `wide`, `narrow`) or None picks the
+    default; the xla backend has one shipped tiling (its row chunk)."""
     if backend == "pallas":
-        t = (default_pallas_tiling(dtype, k, n) if tiling is None
-             else as_tiling(tiling))
+        t = (default_pallas_tiling(dtype, k, n, tiling or "auto")
+             if tiling is None or isinstance(tiling, str) else as_tiling(tiling))
         check_pallas_tiling(t, jnp.dtype(dtype).itemsize)
         return t
-    if tiling is None:
+    if tiling is None or isinstance(tiling, str):
+        if isinstance(tiling, str):
+            default_pallas_tiling(dtype, k, n, tiling)  # the same check of the name
         return Tiling(XLA_TM, XLA_TM, XLA_TM)
     return as_tiling(tiling)
 
@@ -193,7 +197,7 @@ def gmm(
     group_sizes_G: jax.Array,
     *,
     backend: str = "auto",
-    tiling: Tiling | tuple[int, int, int] | None = None,
+    tiling: Tiling | tuple[int, int, int] | str | None = None,
     preferred_element_type=None,
     interpret: bool | None = None,
     transpose_rhs: bool = False,
@@ -206,8 +210,10 @@ def gmm(
       group_sizes_G: [G] int32 rows per group (traced; may be 0). Rows past
         sum(group_sizes) give zeros; a sum past M is clipped at M.
       backend: 'auto' (pallas on GPU, xla elsewhere), 'xla' or 'pallas'.
-      tiling: (tm, tk, tn) or a Tiling; None picks the shipped default for
-        the backend, dtype and shape. The xla backend uses only tm.
+      tiling: (tm, tk, tn) or a Tiling; None or 'auto' picks the shipped
+        default for the backend, dtype and shape; 'wide' / 'narrow' force
+        a shipped Pallas class (`PALLAS_TILINGS`). The xla backend uses
+        only tm (its shipped row chunk for a class name).
       preferred_element_type: output dtype (default: lhs dtype). Accumulation
         is always fp32.
       interpret: run Pallas kernels in interpret mode (default: off GPU only).

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jmoe.config import GMM_TILINGS
+
 
 class Tiling(NamedTuple):
     """Block sizes of a grouped matmul, plus Triton launch parameters.
@@ -123,9 +125,18 @@ def dtype_class(dtype) -> str:
     return "f32" if jnp.dtype(dtype).itemsize >= 4 else "bf16"
 
 
-def default_pallas_tiling(dtype, k: int, n: int) -> Tiling:
-    """Picks the shipped Triton tiling for operands of `dtype`, I=k, N=n."""
-    shape_class = "wide" if min(k, n) >= 256 else "narrow"
+TILING_CLASSES = GMM_TILINGS[1:]  # ("wide", "narrow"): Execution.gmm_tiling less "auto"
+
+
+def default_pallas_tiling(dtype, k: int, n: int, shape_class: str = "auto") -> Tiling:
+    """Picks the shipped Triton tiling for operands of `dtype`, I=k, N=n:
+    of `shape_class` (`wide` or `narrow`), or by the shape for `auto`
+    (wide when min(I, N) >= 256)."""
+    if shape_class == "auto":
+        shape_class = "wide" if min(k, n) >= 256 else "narrow"
+    if shape_class not in TILING_CLASSES:
+        raise ValueError(f"tiling={shape_class!r} is unknown: use 'auto', one of "
+                         f"{TILING_CLASSES}, (tm, tk, tn) or a Tiling.")
     return PALLAS_TILINGS[(dtype_class(dtype), shape_class)]
 
 

@@ -148,7 +148,8 @@ def _exchange_and_run(buf_AD, w, cfg: MoEConfig, ep: int, tp: bool, sizes: "Exch
         lperm = dispatch.dropless_permutation(expert_R[:, None], e_local + 1, cfg.group_align)
         lbuf = dispatch.permute(recv_RD, lperm.slot_TK, lperm.src_R)
         y = experts.grouped_mlp(lbuf, w, lperm.group_sizes_E[:e_local], cfg.activation,
-                                cfg.execution.gmm_backend, cfg.swiglu_alpha, cfg.swiglu_limit)
+                                cfg.execution.gmm_backend, cfg.swiglu_alpha, cfg.swiglu_limit,
+                                tiling=cfg.execution.gmm_tiling)
         y = _tp_reduce(y, tp, axis=1)
         ones = varying_like(jnp.ones((rows, 1), jnp.float32), buf_AD)
         y_RD = dispatch.unpermute(y, ones, lperm.slot_TK, lperm.src_R)

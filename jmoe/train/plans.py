@@ -4,7 +4,8 @@ With `adaptive.plans = n > 1` the planner shortlists `n` execution plans
 for the run's mesh that differ only in how the MoE layers run (overlap
 chunks, all-to-all hierarchy: `jmoe.planner.search.execution_shortlist`;
 with the dense dropless exchange, also the `ep_buckets` set; with capacity
-dispatch, also the other capacity layout, dense or packed),
+dispatch, the other capacity layout, dense or packed; shadow experts; on a
+GPU, the other shipped tiling of the Pallas grouped matmul),
 so they share the parameter layout and compute the same function. The
 trainer compiles a train step per plan and hands them to a
 `jmoe.adaptive.PlanSwitch`, which times each on real steps and runs the
@@ -25,7 +26,8 @@ import jax
 import numpy as np
 
 from jmoe.adaptive import Choice, PlanSwitch
-from jmoe.config import Execution, FieldError, from_section
+from jmoe.config import (GPU_PLATFORMS, Execution, FieldError, from_section,
+                         resolve_gmm_backend)
 from jmoe.model_config import GPTConfig
 from jmoe.planner import search
 from jmoe.planner.step_cost import Setting, step_cost
@@ -96,46 +98,54 @@ def shortlist(ac: AdaptiveConfig, gpt: GPTConfig, config, mesh, hardware: str = 
     backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
     hw = rebalance.planner_profile(hardware)
     batch, seq = int(config.batch_size), int(config.data.seq_len)
-    # With the dense emulation of the dropless exchange (CPU, two-level
-    # all-to-all), the bucket set is a plan too: one slot goes to the
-    # config's plan with the other set.
-    buckets = (m.dispatch == "dropless" and current.ep > 1 and ac.plans > 2
-               and m.execution.ragged(jax.default_backend()) == "dense")
-    # Shadow experts (FasterMoE) share the layout and the maths too: with a
-    # plan to spare, one slot goes to the config's plan with the step's
-    # hottest expert shadowed. The planner cannot price that before it has
-    # loads, so its prediction is the config plan's; the timing decides.
-    shadow = (m.dispatch == "dropless" and current.ep > 1 and not m.execution.shadow_experts
-              and ac.plans > 2 + buckets)
-    # Capacity dispatch: the dense [E, C] all-to-all and the packed kept
-    # rows keep the same rows; which runs faster depends on the drops and
-    # the loads, so with a plan to spare the other layout is timed too.
-    layout = (m.dispatch == "capacity" and m.router != "expert_choice" and current.ep > 1
-              and m.execution.overlap_chunks == 1 and ac.plans > 2)
+    extras = _variants_of_the_config_plan(ac, m, current, config)
     settings = search.execution_shortlist(
         gpt, devices=devices, hw=hw, batch_size=batch, seq_len=seq, current=current,
-        n=ac.plans - buckets - shadow - layout, backend=backend)
+        n=ac.plans - len(extras), backend=backend)
     out = {plan_name(s): dataclasses.replace(gpt, moe=s.layer(m)) for s, _ in settings}
     times = {plan_name(s): t for s, t in settings}
-    if buckets:
-        other = () if m.execution.ep_buckets else Execution().ep_buckets
-        name = f"{plan_name(current)} ep_buckets={other}"
-        out[name] = dataclasses.replace(gpt, moe=m.with_execution(ep_buckets=other))
-        times[name] = step_cost(out[name], current, seq_len=seq, batch_size=batch,
-                                devices=devices, hw=hw, backend=backend).time
-    if layout:
-        other = "dense" if m.packed_capacity else "packed"
-        name = f"{plan_name(current)} capacity_layout={other}"
-        out[name] = dataclasses.replace(gpt, moe=m.with_execution(capacity_layout=other))
-        times[name] = step_cost(out[name], current, seq_len=seq, batch_size=batch,
-                                devices=devices, hw=hw, backend=backend).time
-    if shadow:
-        name = f"{plan_name(current)} shadow=1"
-        out[name] = dataclasses.replace(gpt, moe=m.with_execution(shadow_experts=1))
-        times[name] = times[plan_name(current)]
+    for suffix, moe, priced in extras:
+        name = f"{plan_name(current)} {suffix}"
+        out[name] = dataclasses.replace(gpt, moe=moe)
+        times[name] = (step_cost(out[name], current, seq_len=seq, batch_size=batch,
+                                 devices=devices, hw=hw, backend=backend).time
+                       if priced else times[plan_name(current)])
     if predicted is not None:
         predicted.update(times)
     return out
+
+
+def _variants_of_the_config_plan(ac: AdaptiveConfig, m, current: Setting, config) -> list:
+    """Plans that change one execution knob of the config's plan, which the
+    planner's search does not vary: [(name suffix, MoEConfig, priced)], in
+    priority order, leaving the search at least two plans (the config's
+    and one more). `priced`: the planner models the knob (otherwise the
+    prediction is the config plan's and only the timing judges it)."""
+    ex, platform = m.execution, jax.default_backend()
+    out = []
+    # The dense emulation of the dropless exchange (CPU, two-level
+    # all-to-all): the other bucket set.
+    if m.dispatch == "dropless" and current.ep > 1 and ex.ragged(platform) == "dense":
+        other = () if ex.ep_buckets else Execution().ep_buckets
+        out.append((f"ep_buckets={other}", m.with_execution(ep_buckets=other), True))
+    # Capacity dispatch: the dense [E, C] all-to-all and the packed kept rows
+    # keep the same rows; which runs faster depends on the drops and loads.
+    if (m.dispatch == "capacity" and m.router != "expert_choice" and current.ep > 1
+            and ex.overlap_chunks == 1):
+        other = "dense" if m.packed_capacity else "packed"
+        out.append((f"capacity_layout={other}", m.with_execution(capacity_layout=other), True))
+    # Shadow experts (FasterMoE): the step's hottest expert computed on every
+    # device; worth what the loads make it, which the planner does not have.
+    if m.dispatch == "dropless" and current.ep > 1 and not ex.shadow_experts:
+        out.append(("shadow=1", m.with_execution(shadow_experts=1), False))
+    # The Pallas grouped matmul (GPU): the shipped tiling class that `auto`
+    # does not pick for these shapes.
+    if (platform in GPU_PLATFORMS and resolve_gmm_backend(ex.gmm_backend, platform) == "pallas"
+            and ex.gmm_tiling == "auto"):
+        f_local = m.d_ff // max(1, int(config.mesh.get("tensor", 1)))
+        other = "narrow" if min(m.d_model, f_local) >= 256 else "wide"
+        out.append((f"gmm_tiling={other}", m.with_execution(gmm_tiling=other), False))
+    return out[:max(0, ac.plans - 2)]
 
 
 class AdaptiveSteps:
