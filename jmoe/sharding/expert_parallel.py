@@ -56,7 +56,8 @@ def moe_apply_ep(params, x_TD: jax.Array, xr_TD: jax.Array, cfg: MoEConfig, mesh
                  bias_E: Optional[jax.Array], placement: Optional[PlacementArrays] = None):
     """The MoE layer over `mesh`: [T, D] -> ([T, D], MoEAux); equals `jmoe.layer.local_moe`
     on one device (the capacity path computes C per token shard, like GShard's
-    groups, so it matches when no shard overflows).
+    groups, so it matches when no shard overflows; with
+    `capacity_scope='batch'` C counts over the batch, and it always matches).
 
     With a `placement`, device p runs the experts of its S slots and the
     exchange sends every row to its slot. The slots' weights are those of
