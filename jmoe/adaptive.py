@@ -47,6 +47,14 @@ class Choice:
         return f"adaptive plans timed ({times}): running {self.chosen}"
 
 
+PRUNE_RULE = "must be > 1 (times the fastest median), or 0 to time every variant `trials` times."
+
+
+def prune_ok(prune) -> bool:
+    """`prune` is 0 (off) or a factor above 1 (`PlanSwitch`, `config.adaptive`)."""
+    return isinstance(prune, (int, float)) and (prune == 0 or prune > 1)
+
+
 class PlanSwitch:
     """Runs the fastest of several compiled variants of one step (module docstring).
 
@@ -76,9 +84,8 @@ class PlanSwitch:
         if not isinstance(retime_every, int) or retime_every < 0:
             raise ValueError(f"retime_every={retime_every!r} is invalid: must be an "
                              "integer >= 0 (0 = only on retime()).")
-        if not (prune == 0 or prune > 1):
-            raise ValueError(f"prune={prune!r} is invalid: must be > 1 (times the fastest "
-                             "median), or 0 to time every variant `trials` times.")
+        if not prune_ok(prune):
+            raise ValueError(f"prune={prune!r} is invalid: {PRUNE_RULE}")
         if block is None:
             import jax
             block = jax.block_until_ready

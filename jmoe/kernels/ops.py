@@ -27,7 +27,7 @@ from jmoe.config import GMM_BACKENDS, GPU_PLATFORMS, resolve_gmm_backend
 from jmoe.kernels import xla_gmm
 from jmoe.vma import match_cotangent
 from jmoe.kernels.tiles import (
-    XLA_TM, Tiling, as_tiling, check_pallas_tiling, default_pallas_tiling)
+    XLA_TM, Tiling, as_tiling, check_pallas_tiling, check_tiling_class, default_pallas_tiling)
 
 BACKENDS = GMM_BACKENDS
 
@@ -76,8 +76,7 @@ def _tiling_for(backend: str, tiling, dtype, k: int, n: int) -> Tiling:
         check_pallas_tiling(t, jnp.dtype(dtype).itemsize)
         return t
     if tiling is None or isinstance(tiling, str):
-        if isinstance(tiling, str):
-            default_pallas_tiling(dtype, k, n, tiling)  # the same check of the name
+        check_tiling_class(tiling or "auto")
         return Tiling(XLA_TM, XLA_TM, XLA_TM)
     return as_tiling(tiling)
 

@@ -125,18 +125,20 @@ def dtype_class(dtype) -> str:
     return "f32" if jnp.dtype(dtype).itemsize >= 4 else "bf16"
 
 
-TILING_CLASSES = GMM_TILINGS[1:]  # ("wide", "narrow"): Execution.gmm_tiling less "auto"
+def check_tiling_class(name: str) -> None:
+    """Raises naming the choices unless `name` is `auto` or a shipped class."""
+    if name not in GMM_TILINGS:
+        raise ValueError(f"tiling={name!r} is unknown: use one of {GMM_TILINGS}, "
+                         "(tm, tk, tn) or a Tiling.")
 
 
 def default_pallas_tiling(dtype, k: int, n: int, shape_class: str = "auto") -> Tiling:
     """Picks the shipped Triton tiling for operands of `dtype`, I=k, N=n:
     of `shape_class` (`wide` or `narrow`), or by the shape for `auto`
     (wide when min(I, N) >= 256)."""
+    check_tiling_class(shape_class)
     if shape_class == "auto":
         shape_class = "wide" if min(k, n) >= 256 else "narrow"
-    if shape_class not in TILING_CLASSES:
-        raise ValueError(f"tiling={shape_class!r} is unknown: use 'auto', one of "
-                         f"{TILING_CLASSES}, (tm, tk, tn) or a Tiling.")
     return PALLAS_TILINGS[(dtype_class(dtype), shape_class)]
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from jmoe.adaptive import Choice, PlanSwitch
+from jmoe.adaptive import PRUNE_RULE, Choice, PlanSwitch, prune_ok
 from jmoe.config import (GPU_PLATFORMS, Execution, FieldError, from_section,
                          resolve_gmm_backend)
 from jmoe.model_config import GPTConfig
@@ -68,10 +68,8 @@ def adaptive_config(section) -> AdaptiveConfig:
         v = getattr(ac, name)
         if not isinstance(v, int) or v < low:
             raise FieldError("config.adaptive", name, v, f"must be an integer >= {low}.")
-    if not (ac.prune == 0 or ac.prune > 1):
-        raise FieldError("config.adaptive", "prune", ac.prune,
-                         "must be > 1 (times the fastest plan's median), or 0 to time every "
-                         "plan `trials` steps.")
+    if not prune_ok(ac.prune):
+        raise FieldError("config.adaptive", "prune", ac.prune, PRUNE_RULE)
     if not 0.0 <= ac.load_shift <= 1.0:
         raise FieldError("config.adaptive", "load_shift", ac.load_shift,
                          "must be in [0, 1] (a total-variation distance; 0 = never).")
