@@ -140,8 +140,9 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     given, decides the groups from the routing instead (shadow experts,
     `jmoe.sharding.shadow`), with the expert step that runs them.
     A dynamic capacity (`MoEConfig.capacity_factor <= 0`) picks its buffer
-    size per call among `cfg.capacity_choices`; `reduce_need` (a max over the
-    mesh) makes every shard pick the same one.
+    size per call among `cfg.capacity_choices` (dense [E, C] buffers;
+    `reduce_need`, a max over the mesh, makes every shard pick the same one)
+    or runs packed rows at the largest choice.
     A batch-wide capacity (`MoEConfig.capacity_scope='batch'`) counts over
     the `token_shards` shards of the call: `rank_offsets(count_KG) ->
     offset_KG` (int32 [K, G] each) gives, per top-k position and group, the
@@ -182,9 +183,10 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
             offset_KG = rank_offsets(count_KG)
 
     def run(capacity, x_TD, groups_TK, weights_TK):
-        """plan -> permute -> experts -> un-permute for one (static) capacity."""
+        """plan -> permute -> experts -> un-permute for one (static) capacity
+        (None: every row, the dropless plan)."""
         with jax.named_scope("plan"):
-            if cfg.dispatch == "capacity":
+            if capacity is not None:
                 perm = dispatch.capacity_permutation(
                     groups_TK, weights_TK, e, capacity, cfg.drop_policy,
                     packed_align=dropless_align if packed else 0, rank_offset_KE=offset_KG)
@@ -211,43 +213,43 @@ def moe_core(x_TD: jax.Array, xr_TD: jax.Array, w_DE: jax.Array, cfg: MoEConfig,
     # replicas holds r of them (the balancer spreads its rows over them).
     t_cap = t * token_shards if cfg.batch_capacity else t
     choices = cfg.capacity_choices(t_cap)
-    if len(choices) == 1:
+    need = 0
+    if packed and cfg.capacity_factor <= 0:
+        # Packed rows cost what is kept, whatever C: one run at the bound.
+        # At capacity 0 the bound holds every row (a group gets at most one
+        # per token), so the dropless plan keeps the same rows, sorted more
+        # cheaply. The capacity reported is the smallest choice that held
+        # the busiest shard's need: `RouterSums` finds it in its all-reduce,
+        # so this path needs no collective of its own.
+        bound = None if cfg.capacity_factor == 0 else choices[-1]
+        out_TD, dropped = run(bound, x_TD, groups_TK, r.weights_TK)
+        need = _busiest_group(groups_TK, e)
+    elif len(choices) == 1:
         out_TD, dropped = run(choices[0], x_TD, groups_TK, r.weights_TK)
-        used = choices[0]
-    elif packed:
-        # Packed rows cost what is kept, whatever C: one run at the bound;
-        # the capacity reported is the smallest choice that held the need.
-        out_TD, dropped = run(choices[-1], x_TD, groups_TK, r.weights_TK)
-        _, used = _capacity_branch(choices, e, groups_TK, reduce_need)
     else:
-        out_TD, dropped, used = _dynamic_capacity(run, choices, e, x_TD, groups_TK,
-                                                  r.weights_TK, reduce_need)
-    return out_TD, router_sums(r, cfg.num_experts, dropped,
-                               capacity_factor=used * cfg.num_experts / (t_cap * cfg.top_k))
+        need = _busiest_group(groups_TK, e)
+        if reduce_need is not None:
+            need = reduce_need(need)  # every shard must take the same branch
+        out_TD, dropped = _dynamic_capacity(run, choices, need, x_TD, groups_TK, r.weights_TK)
+    levels = tuple((c, c * cfg.num_experts / (t_cap * cfg.top_k)) for c in choices)
+    return out_TD, router_sums(r, cfg.num_experts, dropped, capacity_levels=levels, need=need)
 
 
-def _dynamic_capacity(run, choices: list, num_groups: int, x_TD, groups_TK, weights_TK,
-                      reduce_need):
-    """Runs the smallest of the static `choices` that holds the busiest group
-    (`jax.lax.switch`; `reduce_need` makes the choice the same on every shard
-    of a mesh). Each branch is rematerialised in the backward pass: a switch
-    otherwise keeps every branch's residuals. Returns (out_TD, dropped, C)."""
-    branch, used = _capacity_branch(choices, num_groups, groups_TK, reduce_need)
+def _dynamic_capacity(run, choices: list, need, x_TD, groups_TK, weights_TK):
+    """Runs the smallest of the static `choices` that holds `need` rows
+    (`jax.lax.switch`; on a mesh `need` must be the same on every shard).
+    Each branch is rematerialised in the backward pass: a switch otherwise
+    keeps every branch's residuals. Returns (out_TD, dropped)."""
+    branch = jnp.sum(need > jnp.asarray(choices[:-1], jnp.int32)).astype(jnp.int32)
     branches = [jax.checkpoint(functools.partial(run, c)) for c in choices]
     with jax.named_scope("dynamic_capacity"):
-        out_TD, dropped = jax.lax.switch(branch, branches, x_TD, groups_TK, weights_TK)
-    return out_TD, dropped, used
+        return jax.lax.switch(branch, branches, x_TD, groups_TK, weights_TK)
 
 
-def _capacity_branch(choices: list, num_groups: int, groups_TK, reduce_need):
-    """(int32 index of the smallest of `choices` holding the busiest group,
-    that capacity as float32); `reduce_need` makes it the same on every shard."""
+def _busiest_group(groups_TK, num_groups: int) -> jax.Array:
+    """int32 []: the rows the busiest of `num_groups` groups gets here."""
     count_G = jnp.zeros((num_groups,), jnp.int32).at[groups_TK.reshape(-1)].add(1)
-    need = jax.lax.stop_gradient(jnp.max(count_G))
-    if reduce_need is not None:
-        need = reduce_need(need)
-    branch = jnp.sum(need > jnp.asarray(choices[:-1], jnp.int32)).astype(jnp.int32)
-    return branch, jnp.asarray(choices, jnp.float32)[branch]
+    return jax.lax.stop_gradient(jnp.max(count_G))
 
 
 def place_assignments(experts_TK: jax.Array, placement: PlacementArrays) -> jax.Array:

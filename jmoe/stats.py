@@ -32,7 +32,8 @@ class MoEAux:
     expert_prob: [E] mean router probability of each expert over the tokens.
     capacity_factor: capacity path: the capacity the buffers had, as a
       multiple of the balanced load T*K/E (per token shard; with a dynamic
-      capacity, the one the step chose); 0 for dropless and expert choice.
+      capacity, the smallest choice that held the busiest shard's need); 0
+      for dropless and expert choice.
     """
 
     load_balance_loss: jax.Array
@@ -52,8 +53,15 @@ class RouterSums:
     router probabilities; z_sum / ent_sum: sums over tokens of logsumexp^2 and
     entropy; num_tokens, num_assignments: float32 counts; dropped: int32
     assignments (tokens, for expert choice) that were not computed;
-    capacity_tokens: float32 capacity factor used x num_tokens (its
-    token-weighted sum, so that sums of shards and chunks average it).
+    capacity_tokens: float32 capacity factor x num_tokens of parts already
+      finalized (`sums_of`: its token-weighted sum, so that merged chunks
+      average it).
+    capacity_over: float32 [L-1], with `capacity_levels` (static, the L
+      capacity factors a capacity layer may use, smallest first): for each
+      of the L-1 smaller levels, how many of the summed parts needed more.
+      After the sum (an all-reduce over shards), the level used is the first
+      that no part needed more than: the busiest part's, with no collective
+      of its own.
     """
 
     counts_E: jax.Array
@@ -64,14 +72,21 @@ class RouterSums:
     num_assignments: jax.Array
     dropped: jax.Array
     capacity_tokens: jax.Array = 0.0
+    capacity_over: jax.Array = ()
+    capacity_levels: tuple = struct.field(pytree_node=False, default=())
 
     def __add__(self, other: "RouterSums") -> "RouterSums":
         return jax.tree.map(jnp.add, self, other)
 
 
 def router_sums(r, num_experts: int, dropped: jax.Array | int = 0,
-                capacity_factor: jax.Array | float = 0.0) -> RouterSums:
-    """`RouterSums` of one routing decision (`routing.Routing` or `ExpertChoice`)."""
+                capacity_levels: tuple = (), need: jax.Array | int = 0) -> RouterSums:
+    """`RouterSums` of one routing decision (`routing.Routing` or `ExpertChoice`).
+
+    A capacity layer passes `capacity_levels` (its capacities as static
+    `(rows, factor)` pairs, smallest first) and `need`, the rows its busiest
+    group needed here: the factor reported is that of the smallest level
+    holding the busiest need of all parts summed."""
     if isinstance(r, routing.ExpertChoice):
         counts_E = jnp.full((num_experts,), r.tokens_EC.shape[1], jnp.int32)
         num_a = r.tokens_EC.size
@@ -86,7 +101,9 @@ def router_sums(r, num_experts: int, dropped: jax.Array | int = 0,
                       num_tokens=jnp.asarray(p_TE.shape[0], jnp.float32),
                       num_assignments=jnp.asarray(num_a, jnp.float32),
                       dropped=jnp.asarray(dropped, jnp.int32),
-                      capacity_tokens=jnp.asarray(capacity_factor, jnp.float32) * p_TE.shape[0])
+                      capacity_over=jnp.asarray([need > rows for rows, _ in capacity_levels[:-1]],
+                                                jnp.float32).reshape(-1),
+                      capacity_levels=tuple(f for _, f in capacity_levels))
 
 
 def finalize(s: RouterSums, expert_choice: bool = False) -> MoEAux:
@@ -99,10 +116,14 @@ def finalize(s: RouterSums, expert_choice: bool = False) -> MoEAux:
         lb = f_E.shape[0] * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
     # Expert choice drops tokens (none of the experts took them), not assignments.
     dropped_of = s.num_tokens if expert_choice else s.num_assignments
+    capacity = jnp.asarray(s.capacity_tokens, jnp.float32) / s.num_tokens
+    if s.capacity_levels:
+        level = jnp.sum(jnp.asarray(s.capacity_over) > 0)
+        capacity = capacity + jnp.asarray(s.capacity_levels, jnp.float32)[level]
     return MoEAux(load_balance_loss=lb, z_loss=s.z_sum / s.num_tokens,
                   dropped_fraction=s.dropped.astype(jnp.float32) / dropped_of,
                   router_entropy=s.ent_sum / s.num_tokens, expert_load=f_E, expert_prob=p_E,
-                  capacity_factor=jnp.asarray(s.capacity_tokens, jnp.float32) / s.num_tokens)
+                  capacity_factor=capacity)
 
 
 def sums_of(aux: MoEAux, num_tokens: int, num_assignments: int,

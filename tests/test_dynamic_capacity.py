@@ -86,6 +86,21 @@ def test_capacity_zero_drops_nothing_and_equals_dropless(mesh, layout, exchanges
     assert_tree_close((y1, g1), (y0, g0))
 
 
+@pytest.mark.parametrize("mesh", [None, (2, 4)])
+def test_packed_capacity_zero_runs_the_dropless_plan(mesh):
+    """Packed, capacity 0 keeps every row, so it runs the dropless plan
+    itself (rows in token order, not the capacity's top-1-first order):
+    under a skewed router, where an expert gets first and second choices
+    mixed, the output and gradients equal the dropless layer's bit for bit."""
+    params, x, ct = _inputs()
+    m = make_mesh(data=mesh[0], expert=mesh[1]) if mesh else None
+    want = _fwd_bwd(_cfg(), params, x, ct, SKEWED, m)
+    got = _fwd_bwd(_cfg(dispatch="capacity", capacity_factor=0.0, capacity_layout="packed"),
+                   params, x, ct, SKEWED, m)
+    for a, b in zip(jax.tree.leaves((got[0], got[2])), jax.tree.leaves((want[0], want[2]))):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("mesh,layout", [(None, "auto"), ((1, 8), "dense"),
                                          ((1, 8), "packed")])
 def test_negative_capacity_drops_like_the_fixed_capacity_it_is_bounded_by(mesh, layout,
@@ -115,6 +130,28 @@ def test_negative_capacity_drops_like_the_fixed_capacity_it_is_bounded_by(mesh, 
     assert float(a_low.capacity_factor) <= 3.0
     if mesh is None:
         assert float(a_low.capacity_factor) == 1.5
+
+
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+def test_on_a_mesh_the_capacity_reported_holds_the_busiest_shard(layout, exchanges):
+    """8 token shards of 16 tokens, a skewed router: both layouts report the
+    smallest choice that holds the busiest shard's need, counted here per
+    shard from the routing (the packed layout finds it in the statistics'
+    all-reduce, the dense one in the max that picks its buffers)."""
+    params, x, ct = _inputs()
+    cfg = _cfg(dispatch="capacity", capacity_factor=0.0, capacity_layout=layout)
+    t_local = T // 8
+    choices = cfg.capacity_choices(t_local, E)
+    r = jmoe.routing.route(jmoe.routing.router_logits(x, params["router"]["w_DE"]), cfg, SKEWED)
+    experts = np.asarray(r.experts_TK).reshape(8, -1)
+    level = [min(i for i, c in enumerate(choices)
+                 if c >= np.bincount(s, minlength=E).max()) for s in experts]
+    # The shards need different levels: a mean or any one shard's would differ.
+    assert min(level) < max(level), level
+    _, aux, _ = _fwd_bwd(cfg, params, x, ct, SKEWED, make_mesh(data=2, expert=4))
+    _took_layout((2, 4), layout, exchanges)
+    assert float(aux.capacity_factor) == pytest.approx(choices[max(level)] * E / (t_local * K))
+    assert float(aux.dropped_fraction) == 0.0
 
 
 def test_the_smallest_bucket_that_holds_the_need_is_used():
