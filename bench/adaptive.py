@@ -26,6 +26,14 @@ Rows (dropless unless said):
 Every row runs `--repeats` times, the rows taking turns (every other round
 in reverse order); its step time is the median of its runs'.
 
+Then the dynamic capacity's cost target on its own, without whole training
+runs' noise: the trainer's MoE layer (the model's `MoEConfig`, 2048 tokens,
+expert=8 mesh) forward and backward, dropless against capacity 0, timed
+interleaved for `--layer_rounds` rounds (sigmoid_topk router; balanced: no
+bias, skewed: a bias on expert 0 that gives it about 3.7x the mean load).
+The ratio is the median over rounds of capacity 0's time / dropless's in
+the same round (wall and process CPU time).
+
 Columns: step time (median over the logged windows after the first, which
 compiles; for the adaptive run, after its first timing round, which compiles
 every plan and waits on each timed step: that warm-up is printed below the
@@ -48,10 +56,14 @@ import time
 
 import harness  # first: puts this checkout ahead of an installed jmoe
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 harness.setup(host_devices=8, platforms="cpu")  # before the first computation
+import jmoe  # noqa: E402
 from jmoe.sharding import make_mesh  # noqa: E402
 from jmoe.train import cli, loop, plans  # noqa: E402
 
@@ -93,10 +105,60 @@ def _run(config, workdir: str, counter: dict) -> dict:
             "rounds": rounds}
 
 
+def _skew_bias(cfg, params, x_TD, target: float) -> jax.Array:
+    """A selection bias on expert 0 that gives it `target` times the mean
+    load on these tokens (bisection over the bias)."""
+    def busiest(b):
+        bias = jnp.zeros((cfg.num_experts,)).at[0].set(b)
+        r = jmoe.routing.route(jmoe.routing.router_logits(x_TD, params["router"]["w_DE"]),
+                               cfg, bias)
+        counts = np.bincount(np.asarray(r.experts_TK).reshape(-1), minlength=cfg.num_experts)
+        return counts.max() / counts.mean(), bias
+    lo, hi = 0.0, 4.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if busiest(mid)[0] < target else (lo, mid)
+    return busiest(hi)
+
+
+def layer_cost(moe, mesh, rounds: int) -> dict:
+    """{routing: {busiest/mean, ms per call, capacity-0 / dropless ratios}}:
+    the layer's forward and backward, dropless against capacity 0, timed
+    interleaved."""
+    cfg_dl = dataclasses.replace(moe, dispatch="dropless", router="sigmoid_topk")
+    cfg_c0 = dataclasses.replace(cfg_dl, dispatch="capacity", capacity_factor=0.0)
+    t = int(MODEL["batch_size"]) * int(MODEL["data.seq_len"])
+    params = jmoe.init_params(jax.random.key(0), cfg_dl)
+    x = jax.random.normal(jax.random.key(1), (t, cfg_dl.d_model))
+    ct = jax.random.normal(jax.random.key(2), x.shape)
+    out = {}
+    for routing, target in (("balanced", None), ("skewed", 3.7)):
+        if target is None:
+            bias = jnp.zeros((cfg_dl.num_experts,))
+            r = jmoe.routing.route(jmoe.routing.router_logits(x, params["router"]["w_DE"]),
+                                   cfg_dl, bias)
+            c = np.bincount(np.asarray(r.experts_TK).reshape(-1), minlength=cfg_dl.num_experts)
+            skew = c.max() / c.mean()
+        else:
+            skew, bias = _skew_bias(cfg_dl, params, x, target)
+        rows = {name: (harness.fwd_bwd(lambda p, x, c=c: jmoe.moe_apply(
+                    p, x, c, bias=bias, mesh=mesh)[0]), (ct, params, x))
+                for name, c in (("dropless", cfg_dl), ("capacity 0", cfg_c0))}
+        print(f"\n[layer, {routing}] {rounds} interleaved rounds", flush=True)
+        samples = harness.sample_interleaved(rows, rounds, log=None)
+        out[routing] = {
+            "busiest_expert": float(skew),
+            "ms": {k: 1e3 * float(np.median(v["wall"])) for k, v in samples.items()},
+            "ratio_wall": harness.paired_ratio(samples, "capacity 0", "dropless", "wall"),
+            "ratio_cpu": harness.paired_ratio(samples, "capacity 0", "dropless", "cpu")}
+    return out
+
+
 def main(argv=None):
-    p = harness.parser(__doc__, repeats=1, quick=dict(steps=30))
+    p = harness.parser(__doc__, repeats=1, quick=dict(steps=30, layer_rounds=10))
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--plans", type=int, default=4)
+    p.add_argument("--layer_rounds", type=int, default=60)
     a = p.parse_args(argv)
     # Train steps compiled after the adaptive run's first timing round.
     counter = {"warm": False, "after": 0, "in_train": False}
@@ -156,6 +218,9 @@ def main(argv=None):
         pick = min(predicted, key=predicted.get)
         results[routing] = {"rows": rows, "plans": list(shortlist), "predicted_s": predicted,
                             "planner_pick": f"fixed: {pick}"}
+    base = _config(a.steps)
+    layer = layer_cost(loop.validate_config(base).moe, make_mesh(base.mesh, owner="config.mesh"),
+                       a.layer_rounds)
     load_after = os.getloadavg()
     for routing, res in results.items():
         rows = res["rows"]
@@ -177,10 +242,17 @@ def main(argv=None):
         if w is not None:
             print(f"- adaptive warm-up windows (compiling and timing every plan): "
                   f"{1e3 * w:.1f} ms per step")
+    print(f"\nthe MoE layer alone, forward + backward ({a.layer_rounds} interleaved rounds)\n")
+    harness.print_markdown(
+        ["routing", "busiest expert / mean", "dropless ms", "capacity 0 ms",
+         "capacity 0 / dropless (wall)", "(CPU time)"],
+        [[k, f"{v['busiest_expert']:.2f}", f"{v['ms']['dropless']:.2f}",
+          f"{v['ms']['capacity 0']:.2f}", f"{v['ratio_wall']:.3f}x", f"{v['ratio_cpu']:.3f}x"]
+         for k, v in layer.items()])
     print(f"\ntotal {time.perf_counter() - t0:.0f}s; 1-minute load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
     harness.write_json(a.json, {**harness.machine_info(), "steps": a.steps, "model": MODEL,
-                                "results": results,
+                                "results": results, "layer": layer,
                                 "load_average_1min": [load_before[0], load_after[0]],
                                 "seconds": time.perf_counter() - t0})
 
