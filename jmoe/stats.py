@@ -101,9 +101,16 @@ def router_sums(r, num_experts: int, dropped: jax.Array | int = 0,
                       num_tokens=jnp.asarray(p_TE.shape[0], jnp.float32),
                       num_assignments=jnp.asarray(num_a, jnp.float32),
                       dropped=jnp.asarray(dropped, jnp.int32),
-                      capacity_over=jnp.asarray([need > rows for rows, _ in capacity_levels[:-1]],
-                                                jnp.float32).reshape(-1),
+                      capacity_over=_over(need, capacity_levels),
                       capacity_levels=tuple(f for _, f in capacity_levels))
+
+
+def _over(need, capacity_levels: tuple) -> jax.Array:
+    """float32 [L-1]: 1 where `need` exceeds each smaller level's rows. Built
+    from ops, not a constant (a constant would enter an enclosing
+    `shard_map` as an extra input)."""
+    over = [jnp.asarray(need > rows, jnp.float32) for rows, _ in capacity_levels[:-1]]
+    return jnp.stack(over) if over else jnp.zeros((0,), jnp.float32)
 
 
 def finalize(s: RouterSums, expert_choice: bool = False) -> MoEAux:
