@@ -105,20 +105,25 @@ def _run(config, workdir: str, counter: dict) -> dict:
             "rounds": rounds}
 
 
+def _busiest_over_mean(cfg, params, x_TD, bias) -> float:
+    """The busiest expert's load / the mean under this routing of `x_TD`."""
+    r = jmoe.routing.route(jmoe.routing.router_logits(x_TD, params["router"]["w_DE"]), cfg, bias)
+    counts = np.asarray(jmoe.routing.expert_counts(r.experts_TK, cfg.num_experts))
+    return float(counts.max() / counts.mean())
+
+
 def _skew_bias(cfg, params, x_TD, target: float) -> jax.Array:
-    """A selection bias on expert 0 that gives it `target` times the mean
-    load on these tokens (bisection over the bias)."""
-    def busiest(b):
-        bias = jnp.zeros((cfg.num_experts,)).at[0].set(b)
-        r = jmoe.routing.route(jmoe.routing.router_logits(x_TD, params["router"]["w_DE"]),
-                               cfg, bias)
-        counts = np.bincount(np.asarray(r.experts_TK).reshape(-1), minlength=cfg.num_experts)
-        return counts.max() / counts.mean(), bias
+    """A selection bias on expert 0 that gives it about `target` times the
+    mean load on these tokens (bisection over the bias)."""
+    bias = lambda b: jnp.zeros((cfg.num_experts,)).at[0].set(b)
     lo, hi = 0.0, 4.0
     for _ in range(30):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if busiest(mid)[0] < target else (lo, mid)
-    return busiest(hi)
+        if _busiest_over_mean(cfg, params, x_TD, bias(mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return bias(hi)
 
 
 def layer_cost(moe, mesh, rounds: int) -> dict:
@@ -133,14 +138,9 @@ def layer_cost(moe, mesh, rounds: int) -> dict:
     ct = jax.random.normal(jax.random.key(2), x.shape)
     out = {}
     for routing, target in (("balanced", None), ("skewed", 3.7)):
-        if target is None:
-            bias = jnp.zeros((cfg_dl.num_experts,))
-            r = jmoe.routing.route(jmoe.routing.router_logits(x, params["router"]["w_DE"]),
-                                   cfg_dl, bias)
-            c = np.bincount(np.asarray(r.experts_TK).reshape(-1), minlength=cfg_dl.num_experts)
-            skew = c.max() / c.mean()
-        else:
-            skew, bias = _skew_bias(cfg_dl, params, x, target)
+        bias = (jnp.zeros((cfg_dl.num_experts,)) if target is None
+                else _skew_bias(cfg_dl, params, x, target))
+        skew = _busiest_over_mean(cfg_dl, params, x, bias)
         rows = {name: (harness.fwd_bwd(lambda p, x, c=c: jmoe.moe_apply(
                     p, x, c, bias=bias, mesh=mesh)[0]), (ct, params, x))
                 for name, c in (("dropless", cfg_dl), ("capacity 0", cfg_c0))}

@@ -248,8 +248,7 @@ def _dynamic_capacity(run, choices: list, need, x_TD, groups_TK, weights_TK):
 
 def _busiest_group(groups_TK, num_groups: int) -> jax.Array:
     """int32 []: the rows the busiest of `num_groups` groups gets here."""
-    count_G = jnp.zeros((num_groups,), jnp.int32).at[groups_TK.reshape(-1)].add(1)
-    return jax.lax.stop_gradient(jnp.max(count_G))
+    return jax.lax.stop_gradient(jnp.max(routing.expert_counts(groups_TK, num_groups)))
 
 
 def place_assignments(experts_TK: jax.Array, placement: PlacementArrays) -> jax.Array:

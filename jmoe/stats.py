@@ -125,7 +125,7 @@ def finalize(s: RouterSums, expert_choice: bool = False) -> MoEAux:
     dropped_of = s.num_tokens if expert_choice else s.num_assignments
     capacity = jnp.asarray(s.capacity_tokens, jnp.float32) / s.num_tokens
     if s.capacity_levels:
-        level = jnp.sum(jnp.asarray(s.capacity_over) > 0)
+        level = jnp.sum(s.capacity_over > 0)
         capacity = capacity + jnp.asarray(s.capacity_levels, jnp.float32)[level]
     return MoEAux(load_balance_loss=lb, z_loss=s.z_sum / s.num_tokens,
                   dropped_fraction=s.dropped.astype(jnp.float32) / dropped_of,
